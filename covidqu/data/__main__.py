@@ -1,0 +1,40 @@
+"""``python -m covidqu.data {synth,inspect}``: make a synthetic tree, or check a real one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from covidqu.data import inspection, synth
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m covidqu.data", description="COVID-QU-Ex data tools."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "synth",
+        help="write a COVID-QU-Ex shaped tree of synthetic CXRs",
+        description="Write both subsets, all splits and classes, of synthetic, learnable CXRs.",
+    )
+    synth.add_arguments(p)
+    p.set_defaults(func=synth.run)
+    p = sub.add_parser(
+        "inspect",
+        help="count (and with --verify, check) a COVID-QU-Ex tree",
+        description="Counts per subset / split / class beside the official counts. Exit 0: no "
+        "problem; 1: problems (each bad file named); 2: not a COVID-QU-Ex tree.",
+    )
+    inspection.add_arguments(p)
+    p.set_defaults(func=inspection.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
