@@ -1,0 +1,270 @@
+"""LightningDataModules over the official Train / Val / Test splits of each subset.
+
+:class:`LungDataModule` serves the lung subset (33,920 CXRs with lung masks);
+:class:`InfectionDataModule` the infection subset (5,826 CXRs with lung and infection masks).
+
+Under DDP, :meth:`~COVIDQUDataModule.prepare_data` runs once per node and refuses a bad tree
+before any process starts training; :meth:`~COVIDQUDataModule.setup` then lists the folders in
+every process. Listing is read-only and takes well under a second for the whole dataset, so it
+neither races nor loads the disk. Batch size is per process (per device).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import albumentations as A
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from covidqu.constants import SPLITS
+from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
+from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
+from covidqu.data.readers import SampleReader, build_reader
+from covidqu.data.transforms import build_transform
+
+ENV_ROOT = "COVIDQU_ROOT"
+
+
+def resolve_data_root(root: str | os.PathLike[str] | None) -> Path:
+    """``root`` if given, else ``$COVIDQU_ROOT``; a clear error when neither is set."""
+    if root in (None, ""):
+        root = os.environ.get(ENV_ROOT) or None
+    if root is None:
+        raise DataError(
+            "no dataset configured: set data.root=/path/to/COVID-QU-Ex (the extracted archive, a "
+            f"subset folder or its inner folder) or the {ENV_ROOT} environment variable. For a "
+            "synthetic tree: `python -m covidqu.data synth OUT`."
+        )
+    return Path(root).expanduser()
+
+
+def cap_per_class(
+    samples: Sequence[Sample], limit: int | None, seed: int = 0, tag: str = ""
+) -> list[Sample]:
+    """At most ``limit`` samples of each class, drawn reproducibly (order kept)."""
+    if limit is None:
+        return list(samples)
+    if limit < 1:
+        raise ValueError(f"data.limit_per_class must be >= 1 or null, got {limit}")
+    by_class: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(s.cls, []).append(i)
+    keep: set[int] = set()
+    for cls, idx in by_class.items():
+        if len(idx) > limit:
+            idx = random.Random(f"{seed}/{tag}/{cls}").sample(idx, limit)
+        keep.update(idx)
+    return [s for i, s in enumerate(samples) if i in keep]
+
+
+class COVIDQUDataModule(pl.LightningDataModule):
+    """What both subsets share; use :class:`LungDataModule` or :class:`InfectionDataModule`.
+
+    Args:
+        root: the extracted archive, a subset folder or its inner folder; ``None`` reads the
+            ``COVIDQU_ROOT`` environment variable.
+        target: what a batch's ``mask`` holds (see :class:`~covidqu.data.datasets.CXRDataset`);
+            ``None`` takes the subset's own (``lung`` / ``infection``).
+        image_size: side (or ``[height, width]``) every split is resized to.
+        batch_size: samples per batch *per device*; evaluation uses ``eval_batch_size`` if set.
+        num_workers: DataLoader worker processes per device.
+        pin_memory: page-locked host batches for faster GPU copies (ignored without CUDA).
+        persistent_workers: keep workers alive between epochs (when ``num_workers > 0``).
+        balanced_sampler: draw training samples with equal probability per class (with
+            replacement, ``len(train)`` per epoch); under DDP Lightning shards it per process.
+        limit_per_class: at most this many samples per class of each split, for quick runs: an
+            int for every split or a mapping ``{train: 100, val: 20}``; ``null`` for all.
+        augment: albumentations transforms for the training split (the ``augment`` group).
+        mean, std: normalisation of the [0, 1] gray level.
+        reader: how pixels are read: a name from :data:`covidqu.data.readers.READERS` or a
+            :class:`~covidqu.data.readers.SampleReader`.
+        seed: seed of the per-class cap and of the balanced sampler.
+        drop_last: drop the last incomplete training batch.
+    """
+
+    subset: ClassVar[str]
+    targets: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        target: str | None = None,
+        image_size: int | Sequence[int] = 256,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        balanced_sampler: bool = False,
+        limit_per_class: int | Mapping[str, int | None] | None = None,
+        augment: Sequence[A.BasicTransform] | None = None,
+        mean: float = DEFAULT_MEAN,
+        std: float = DEFAULT_STD,
+        reader: str | SampleReader = "png",
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        target = target or self.targets[0]
+        if target not in self.targets:
+            raise ValueError(
+                f"data.target={target!r} is not served by the {self.subset} subset; "
+                f"choose one of {self.targets}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters(ignore=["augment", "reader"])
+        self.root = None if root in (None, "") else Path(root).expanduser()
+        self.target = target
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.balanced_sampler = balanced_sampler
+        self.limits = self._limits(limit_per_class)
+        self.augment = list(augment or [])
+        self.mean, self.std = float(mean), float(std)
+        self.reader = build_reader(reader)
+        self.seed = seed
+        self.drop_last = drop_last
+        build_transform(image_size)  # validate the size now, not in a worker
+        self.index: Index | None = None
+        self.datasets: dict[str, CXRDataset] = {}
+
+    @staticmethod
+    def _limits(limit: int | Mapping[str, int | None] | None) -> dict[str, int | None]:
+        if limit is None or isinstance(limit, int):
+            return dict.fromkeys(SPLITS, limit)
+        unknown = set(limit) - set(SPLITS)
+        if unknown:
+            raise ValueError(
+                f"data.limit_per_class has unknown split(s) {sorted(unknown)}; use {SPLITS}"
+            )
+        return {s: limit.get(s) for s in SPLITS}
+
+    # -- index ---------------------------------------------------------------------------------
+
+    def scan(self) -> Index:
+        """List this subset under the root and refuse structural problems (orphans, folders)."""
+        root = resolve_data_root(self.root)
+        index = scan(root, subsets=[self.subset])
+        index.raise_on_problems(self.subset)
+        if not index.samples:
+            raise DataError(
+                f"no images in the {self.subset} subset at {index.subset_dirs[self.subset]}: "
+                f"expected {'/'.join(SPLIT_DIRS.values())}/<class>/images/*.png under it"
+            )
+        return index
+
+    def split_samples(self, split: str) -> list[Sample]:
+        """The (capped) samples of ``split``; an error naming the folder when it is empty."""
+        if self.index is None:
+            self.index = self.scan()
+        samples = self.index.select(subset=self.subset, split=split)
+        if not samples:
+            folder = self.index.subset_dirs[self.subset] / SPLIT_DIRS[split]
+            raise DataError(
+                f"the {split} split of the {self.subset} subset is empty: no images under "
+                f"{folder}/<class>/images. Check data.root, or evaluate another split."
+            )
+        return cap_per_class(samples, self.limits[split], self.seed, f"{self.subset}/{split}")
+
+    def prepare_data(self) -> None:
+        # Once per node, before any training step: a bad tree fails here, with every file named.
+        self.scan()
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }.get(stage or "", SPLITS)
+        for split in needed:
+            if split not in self.datasets:
+                self.datasets[split] = self.make_dataset(split)
+
+    def make_dataset(self, split: str) -> CXRDataset:
+        """The dataset of one split, with training augmentation on ``train`` only."""
+        augment = self.augment if split == "train" else None
+        return CXRDataset(
+            self.split_samples(split),
+            target=self.target,
+            transform=build_transform(self.image_size, augment),
+            reader=self.reader,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    def class_counts(self, split: str = "train") -> dict[str, int]:
+        """Samples per class name in ``split`` (after the cap)."""
+        return dict(Counter(s.cls for s in self.split_samples(split)))
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        ds = self.datasets[split]
+        sampler = None
+        if train and self.balanced_sampler:
+            counts = Counter(ds.labels)
+            weights = torch.tensor([1.0 / counts[y] for y in ds.labels], dtype=torch.double)
+            gen = torch.Generator().manual_seed(self.seed)
+            sampler = WeightedRandomSampler(weights, len(ds), replacement=True, generator=gen)
+        workers = self.num_workers
+        kwargs: dict[str, Any] = {}
+        if workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            kwargs["prefetch_factor"] = 4
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            drop_last=train and self.drop_last,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+class LungDataModule(COVIDQUDataModule):
+    """The lung subset: lung masks and class labels for 33,920 CXRs."""
+
+    subset = "lung"
+    targets = ("lung",)
+
+
+class InfectionDataModule(COVIDQUDataModule):
+    """The infection subset: lung and infection masks and class labels for 5,826 CXRs.
+
+    ``target``: ``infection`` (binary), ``infection_multiclass`` (background / lung /
+    infection) or ``lung``. Batches also carry ``lung``, the lung mask, for infection targets.
+    """
+
+    subset = "infection"
+    targets = ("infection", "infection_multiclass", "lung")
