@@ -1,0 +1,150 @@
+"""Data-layer benchmarks, measured side by side in one run.
+
+1. Scanning: the index of a tree with the full official counts of both subsets (33,920 + 5,826
+   images, 85,318 files) against a bare ``os.walk`` over the same tree.
+2. Loading: samples per second through :class:`~covidqu.data.datamodule.LungDataModule`'s
+   DataLoader against a hand-written Dataset that does the least a training loop needs (decode,
+   resize, normalise), with the same workers and batch size. The ratio is the framework's
+   overhead; it should stay close to 1.
+
+    python experiments/bench_data.py [--root ROOT] [--workers 2] [--size 256] [--batches 40]
+
+Without ``--root`` it writes a synthetic tree (tiny images for the scan, 256 px for loading)
+under a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from covidqu.data.datamodule import LungDataModule
+from covidqu.data.layout import MASK_DIRS, OFFICIAL_COUNTS, SPLIT_DIRS, SUBSET_DIRS, scan
+from covidqu.data.synth import generate
+
+PATTERNS = {
+    "COVID-19": "covid_{}.png",
+    "Non-COVID": "non_COVID ({}).png",
+    "Normal": "Normal ({}).png",
+}
+
+
+def full_count_tree(out: Path) -> Path:
+    """A tree with the official number of files everywhere, each a copy of one tiny PNG."""
+    ok, png = cv2.imencode(".png", np.zeros((8, 8), np.uint8))
+    assert ok
+    data = png.tobytes()
+    for (subset, split, cls), n in OFFICIAL_COUNTS.items():
+        base = out / SUBSET_DIRS[subset] / SUBSET_DIRS[subset] / SPLIT_DIRS[split] / cls
+        for kind in ("images", *MASK_DIRS[subset]):
+            (base / kind).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (base / kind / PATTERNS[cls].format(f"{split}{i}")).write_bytes(data)
+    return out
+
+
+def bench_scan(tmp: Path) -> None:
+    root = full_count_tree(tmp / "full")
+    t0 = time.perf_counter()
+    files = sum(len(f) for _, _, f in os.walk(root))
+    t_walk = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index = scan(root)
+    t_scan = time.perf_counter() - t0
+    print(f"scan: {len(index):,} samples ({files:,} files)")
+    print(f"  os.walk     {t_walk:7.3f} s")
+    print(f"  covidqu     {t_scan:7.3f} s   ratio {t_scan / t_walk:5.2f}x")
+    shutil.rmtree(root)
+
+
+class HandWritten(Dataset):
+    """The least a loop needs: decode, resize, scale; no checks, no augmentation."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], size: int) -> None:
+        self.pairs, self.size = pairs, size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        img_p, mask_p = self.pairs[i]
+        img = cv2.imread(str(img_p), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(mask_p), cv2.IMREAD_GRAYSCALE)
+        img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+        mask = cv2.resize(mask, (self.size, self.size), interpolation=cv2.INTER_NEAREST)
+        x = torch.from_numpy(img).float().div_(255).sub_(0.449).div_(0.226)[None]
+        return {"image": x, "mask": torch.from_numpy(mask > 0).float()[None]}
+
+
+def throughput(loader: DataLoader, batches: int) -> float:
+    it = iter(loader)
+    next(it)  # workers started, first batch ready
+    n, t0 = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            b = next(it)
+        except StopIteration:
+            it = iter(loader)
+            b = next(it)
+        n += b["image"].shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def bench_loading(root: Path, workers: int, size: int, batches: int, batch_size: int) -> None:
+    dm = LungDataModule(
+        root=root,
+        image_size=size,
+        batch_size=batch_size,
+        num_workers=workers,
+        persistent_workers=True,
+        augment=None,
+    )
+    dm.setup("fit")
+    samples = dm.datasets["train"].samples
+    plain = DataLoader(
+        HandWritten([(s.image, s.lung_mask) for s in samples], size),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    framework = dm.train_dataloader()
+    rates = {}
+    for _ in range(2):  # alternate, so that caches and clocks treat both alike
+        rates.setdefault("hand", []).append(throughput(plain, batches))
+        rates.setdefault("covidqu", []).append(throughput(framework, batches))
+    hand, ours = max(rates["hand"]), max(rates["covidqu"])
+    print(
+        f"loading: {len(samples):,} train images at {size} px, "
+        f"{workers} workers, batch {batch_size}"
+    )
+    print(f"  hand-written {hand:8.0f} samples/s")
+    print(f"  covidqu      {ours:8.0f} samples/s   ratio {hand / ours:5.2f}x time per sample")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", type=Path, default=None, help="a COVID-QU-Ex tree for loading")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        bench_scan(tmp)
+        root = args.root or generate(tmp / "synth", per_class=200, size=256, seed=0)
+        bench_loading(root, args.workers, args.size, args.batches, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
