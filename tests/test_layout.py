@@ -157,3 +157,35 @@ def test_orphans_are_problems_and_left_out(synth_copy: Path):
     with pytest.raises(DataError) as err:
         index.raise_on_problems()
     assert images[0].name in str(err.value) and "inspect" in str(err.value)
+
+
+def test_misnamed_folders_and_stray_files_are_problems(synth_copy: Path):
+    train = inner(synth_copy, "lung") / "Train"
+    (train / "Normal").rename(train / "normal")  # wrong case: the class would vanish silently
+    (train / "COVID-19" / "images" / "Thumbs.db").write_bytes(b"x")
+    (train / "COVID-19" / "images" / "covid_99.jpg").write_bytes(b"x")
+    (train / "COVID-19" / "images" / ".DS_Store").write_bytes(b"x")  # hidden: ignored
+    (inner(synth_copy, "lung") / "Testing").mkdir()
+    index = scan(synth_copy, subsets=["lung"])
+    problems = {p.path.relative_to(synth_copy).as_posix(): p.problem for p in index.problems}
+    base = f"{SUBSET_DIRS['lung']}/{SUBSET_DIRS['lung']}"
+    stray = "unexpected file (only .png files belong here)"
+    assert problems == {
+        f"{base}/Train/normal": problems[f"{base}/Train/normal"],
+        f"{base}/Train/Normal": "missing class folder",
+        f"{base}/Train/COVID-19/images/Thumbs.db": stray,
+        f"{base}/Train/COVID-19/images/covid_99.jpg": stray,
+        f"{base}/Testing": problems[f"{base}/Testing"],
+    }
+    assert "unexpected folder 'normal'" in problems[f"{base}/Train/normal"]
+    assert "Normal" in problems[f"{base}/Train/normal"]
+    assert "Test, Train, Val" in problems[f"{base}/Testing"]
+    assert index.counts()["lung/train/COVID-19"] == SYNTH_PER_CLASS  # the PNGs still count
+
+
+def test_a_copy_without_a_test_split_is_fine(synth_copy: Path):
+    for subset in ("lung", "infection"):
+        shutil.rmtree(inner(synth_copy, subset) / "Test")
+    index = scan(synth_copy)
+    assert index.problems == []
+    assert index.counts()["infection/test/Normal"] == 0

@@ -260,21 +260,48 @@ def resolve_root(root: str | os.PathLike[str]) -> dict[str, Path]:
     )
 
 
-def _list_pngs(folder: Path) -> dict[str, Path]:
-    """File stem -> path of the PNGs in ``folder`` (empty when the folder is missing)."""
+def _list_pngs(folder: Path, problems: list[Problem]) -> dict[str, Path]:
+    """File stem -> path of the PNGs in ``folder`` (empty when the folder is missing).
+
+    Anything else that is not hidden (another file type, a sub-folder) is a problem: the
+    archive holds PNG files only, and a stray file usually means a broken extraction.
+    """
     out: dict[str, Path] = {}
     try:
         with os.scandir(folder) as it:
             for entry in it:
                 name = entry.name
-                if name.startswith(".") or not entry.is_file():
+                if name.startswith("."):
                     continue
                 stem, ext = os.path.splitext(name)
-                if ext.lower() in IMAGE_SUFFIXES:
+                if entry.is_file() and ext.lower() in IMAGE_SUFFIXES:
                     out[stem] = folder / name
+                else:
+                    kind = "folder" if entry.is_dir() else "file"
+                    problems.append(
+                        Problem(folder / name, f"unexpected {kind} (only .png files belong here)")
+                    )
     except FileNotFoundError:
         pass
     return out
+
+
+def _unexpected_dirs(folder: Path, expected: Iterable[str], what: str) -> list[Problem]:
+    """Problems for the visible sub-folders of ``folder`` whose names are not ``expected``."""
+    allowed = set(expected)
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    except OSError:
+        return []
+    return [
+        Problem(
+            folder / name,
+            f"unexpected folder '{name}' (a {what} folder is one of {', '.join(sorted(allowed))};"
+            " names are case-sensitive)",
+        )
+        for name in names
+        if name not in allowed and not name.startswith(".")
+    ]
 
 
 def _natural_key(stem: str) -> tuple:
@@ -286,9 +313,10 @@ def _natural_key(stem: str) -> tuple:
 def scan(root: str | os.PathLike[str], subsets: Iterable[str] | None = None) -> Index:
     """List every sample under ``root`` (all subsets found, or only ``subsets``).
 
-    Structural problems (a missing images or mask folder, an image without its mask, a mask
-    without its image) are collected in :attr:`Index.problems`, not raised; unpaired files are
-    left out of :attr:`Index.samples`. Call :meth:`Index.raise_on_problems` to refuse them.
+    Structural problems (a missing class, images or mask folder, an unexpected folder or file,
+    an image without its mask, a mask without its image) are collected in
+    :attr:`Index.problems`, not raised; unpaired files are left out of :attr:`Index.samples`.
+    Call :meth:`Index.raise_on_problems` to refuse them.
     """
     subset_dirs = resolve_root(root)
     if subsets is not None:
@@ -307,9 +335,12 @@ def scan(root: str | os.PathLike[str], subsets: Iterable[str] | None = None) -> 
 
     index = Index(root=Path(root), subset_dirs=subset_dirs)
     for subset, base in subset_dirs.items():
+        # A split may be absent as a whole (copies without Test exist); a class may not.
+        index.problems += _unexpected_dirs(base, SPLIT_DIRS.values(), "split")
         for split, split_dir in SPLIT_DIRS.items():
             if not _is_dir(base / split_dir):
                 continue
+            index.problems += _unexpected_dirs(base / split_dir, CLASSES, "class")
             for cls in CLASSES:
                 _scan_class(index, subset, split, cls, base / split_dir / cls)
     return index
@@ -317,15 +348,17 @@ def scan(root: str | os.PathLike[str], subsets: Iterable[str] | None = None) -> 
 
 def _scan_class(index: Index, subset: str, split: str, cls: str, folder: Path) -> None:
     if not _is_dir(folder):
+        index.problems.append(Problem(folder, "missing class folder"))
         return
-    images = _list_pngs(folder / IMAGES_DIR)
-    if not images and not _is_dir(folder / IMAGES_DIR):
+    index.problems += _unexpected_dirs(folder, (IMAGES_DIR, *MASK_DIRS[subset]), "data")
+    if not _is_dir(folder / IMAGES_DIR):
         index.problems.append(Problem(folder / IMAGES_DIR, "missing images folder"))
+    images = _list_pngs(folder / IMAGES_DIR, index.problems)
     masks: dict[str, dict[str, Path]] = {}
     for mask_dir in MASK_DIRS[subset]:
         if not _is_dir(folder / mask_dir):
             index.problems.append(Problem(folder / mask_dir, "missing mask folder"))
-        masks[mask_dir] = _list_pngs(folder / mask_dir)
+        masks[mask_dir] = _list_pngs(folder / mask_dir, index.problems)
 
     for stem in sorted(images, key=_natural_key):
         paths = {d: masks[d].get(stem) for d in masks}
