@@ -111,6 +111,7 @@ def test_loaders_with_workers_batch_sizes_and_sampler(synth_root: Path):
         eval_batch_size=5,
         balanced_sampler=True,
         persistent_workers=False,
+        drop_last=False,
     )
     dm.prepare_data()
     dm.setup("fit")
@@ -118,6 +119,10 @@ def test_loaders_with_workers_batch_sizes_and_sampler(synth_root: Path):
     assert isinstance(train.sampler, torch.utils.data.WeightedRandomSampler)
     assert [len(b["id"]) for b in train] == [4, 4, 1]
     assert [len(b["id"]) for b in val] == [5, 4]
+    dm.drop_last = True
+    assert [len(b["id"]) for b in dm.train_dataloader()] == [4, 4]
+    dm.batch_size = 16  # a split smaller than one batch still gives a batch
+    assert [len(b["id"]) for b in dm.train_dataloader()] == [9]
     assert dm.test_dataloader().dataset is dm.datasets["test"]
 
 
@@ -228,7 +233,7 @@ def test_hydra_config_builds_the_datamodule(synth_root: Path, data: str, augment
         cfg = compose(
             "train",
             overrides=[
-                f"data={data}",
+                f"task={data}",  # each segmentation task picks its subset
                 f"augment={augment}",
                 f"data.root={synth_root}",
                 "data.num_workers=0",
@@ -249,5 +254,6 @@ def test_hydra_config_builds_the_datamodule(synth_root: Path, data: str, augment
 def test_config_defaults_to_the_environment_root(synth_root: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("COVIDQU_ROOT", str(synth_root))
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["data=infection"])
+        cfg = compose("train", overrides=["task=classify", "data=infection"])
     assert cfg.data.root == str(synth_root)
+    assert cfg.data._target_.endswith("InfectionDataModule")  # the command line beats the task

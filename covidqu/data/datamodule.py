@@ -86,7 +86,8 @@ class COVIDQUDataModule(pl.LightningDataModule):
         reader: how pixels are read: a name from :data:`covidqu.data.readers.READERS` or a
             :class:`~covidqu.data.readers.SampleReader`.
         seed: seed of the per-class cap and of the balanced sampler.
-        drop_last: drop the last incomplete training batch.
+        drop_last: drop the last incomplete training batch (a batch of one breaks batch
+            norm), unless the split is smaller than one batch.
     """
 
     subset: ClassVar[str]
@@ -109,7 +110,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         std: float = DEFAULT_STD,
         reader: str | SampleReader = "png",
         seed: int = 0,
-        drop_last: bool = False,
+        drop_last: bool = True,
     ) -> None:
         super().__init__()
         target = target or self.targets[0]
@@ -213,7 +214,9 @@ class COVIDQUDataModule(pl.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def dataloader(self, split: str, train: bool = False) -> DataLoader:
+        """The loader of any split; ``train`` shuffles (or balances) and drops the last batch
+        as configured, otherwise order is kept."""
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         ds = self.datasets[split]
@@ -235,21 +238,21 @@ class COVIDQUDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            drop_last=train and self.drop_last,
+            drop_last=train and self.drop_last and len(ds) > self.batch_size,
             **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self.dataloader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self.dataloader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self.dataloader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self.dataloader("test", train=False)
 
 
 class LungDataModule(COVIDQUDataModule):

@@ -39,12 +39,11 @@ def decode_png(path: str | os.PathLike[str]) -> np.ndarray:
     except OSError as err:
         raise ImageDecodeError(f"cannot read {p}: {err.strerror or err}") from err
     if buf.size == 0:
-        raise ImageDecodeError(f"{p} is an empty file (0 bytes); restore it from the archive")
+        raise ImageDecodeError(f"{p} is an empty file (0 bytes)")
     arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if arr is None or arr.size == 0:
         raise ImageDecodeError(
-            f"{p} is not a readable image (corrupt or truncated, {buf.size} bytes); "
-            "restore it from the archive"
+            f"{p} is not a readable image (corrupt or truncated, {buf.size} bytes)"
         )
     return arr
 
