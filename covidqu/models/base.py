@@ -1,0 +1,231 @@
+"""What the segmentation and classification LightningModules share.
+
+A module receives built objects (network, loss, metric set, optimizer and scheduler partials),
+never names to resolve. It also carries a *recipe*: the plain-dict configs of the network, loss
+and metrics and the data preprocessing (size, normalisation, target). The recipe is written into
+every checkpoint, so :func:`covidqu.models.checkpoint.load_module` rebuilds the network and its
+preprocessing from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+STAGES = ("train", "val", "test")
+
+
+class CXRModule(pl.LightningModule):
+    """Shared training loop, logging, optimisation and checkpoint recipe.
+
+    Args:
+        net: the network; ``net(image)`` gives logits.
+        loss: ``loss(logits, target)`` -> scalar; ``None`` when only evaluating.
+        metrics: a metric set (a :class:`torchmetrics.Metric` whose ``compute`` returns a dict
+            of named values); one copy each is kept for train, val and test.
+        optimizer: a partial taking the parameters (``_partial_: true`` in config).
+        scheduler: a partial taking the optimizer (and ``total_steps`` if its signature has
+            it), or ``None``.
+        scheduler_interval: ``step`` or ``epoch``.
+        scheduler_monitor: the metric a plateau scheduler watches.
+        channels_last: run the network in channels-last memory format (faster convolutions on
+            recent GPUs with mixed precision).
+        compile: compile the network with ``torch.compile`` at fit start.
+        recipe: plain-dict configs needed to rebuild the network and its preprocessing; saved
+            in every checkpoint.
+    """
+
+    #: Key of the batch that holds the target of the loss and metrics.
+    target_key = "mask"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module | None,
+        metrics: Metric,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        scheduler_monitor: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        recipe: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"scheduler.interval must be 'step' or 'epoch', got {scheduler_interval!r}"
+            )
+        self.net = net
+        self.loss_fn = loss
+        # One copy per stage (train_metrics, val_metrics, test_metrics), registered as children
+        # so they move with the module and sync across processes.
+        for stage in STAGES:
+            setattr(self, f"{stage}_metrics", metrics.clone())
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.scheduler_monitor = scheduler_monitor
+        self.channels_last = channels_last
+        self.compile_net = compile
+        self.recipe: dict[str, Any] = _plain(recipe or {})
+        #: Per-image rows of the last test run (id, class, scores), for ``per_image.csv``.
+        self.test_records: list[dict[str, Any]] = []
+        #: How many test images to keep for overlays, and the kept (image, target, output).
+        self.keep_overlays = 0
+        self.overlays: list[dict[str, Any]] = []
+        self.save_hyperparameters(
+            ignore=["net", "loss", "metrics", "optimizer", "scheduler", "recipe"]
+        )
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, image: Tensor) -> Tensor:
+        if self.channels_last and image.dim() == 4:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self.net(image)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class or pixel probabilities from logits (sigmoid for one channel, else softmax)."""
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+    def stage_metrics(self, stage: str) -> Metric:
+        """The metric set of ``stage`` (``train``, ``val`` or ``test``)."""
+        return getattr(self, f"{stage}_metrics")
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _step(self, batch: Mapping[str, Any], stage: str) -> tuple[Tensor, Tensor | None]:
+        logits = self(batch["image"])
+        target = batch[self.target_key]
+        loss = self.loss_fn(logits, target) if self.loss_fn is not None else None
+        bs = batch["image"].shape[0]
+        if loss is not None:
+            self.log(
+                f"{stage}/loss",
+                loss,
+                on_step=stage == "train",
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=bs,
+                sync_dist=stage != "train",
+            )
+            for name, value in (getattr(self.loss_fn, "last", None) or {}).items():
+                self.log(
+                    f"{stage}/loss_{name}",
+                    value,
+                    on_epoch=True,
+                    batch_size=bs,
+                    sync_dist=stage != "train",
+                )
+        self.stage_metrics(stage).update(logits.detach(), target)
+        return logits, loss
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        _, loss = self._step(batch, "train")
+        if loss is None:
+            raise RuntimeError("training needs a loss: the module was built without one")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at epoch {self.current_epoch}, batch "
+                f"{batch_idx}; lower optimizer.lr, enable trainer.gradient_clip_val, or check "
+                "the data (python -m covidqu.data inspect ROOT --verify)"
+            )
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        logits, _ = self._step(batch, "test")
+        self.record_test_batch(batch, logits.detach())
+
+    def record_test_batch(self, batch: Mapping[str, Any], logits: Tensor) -> None:
+        """Append per-image rows (and overlays) for one test batch; subclasses fill rows."""
+        raise NotImplementedError
+
+    # -- epoch ends ------------------------------------------------------------------------------
+
+    def _log_metrics(self, stage: str) -> None:
+        metric = self.stage_metrics(stage)
+        values = metric.compute()
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in values.items()},
+            prog_bar=False,
+            sync_dist=False,  # a torchmetrics Metric has already reduced across processes
+        )
+        self.on_metrics_computed(stage, metric, values)
+        metric.reset()
+
+    def on_metrics_computed(self, stage: str, metric: Metric, values: dict[str, Tensor]) -> None:
+        """Hook for subclasses (e.g. keep a confusion matrix) before the metric is reset."""
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_records = []
+        self.overlays = []
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    # -- optimisation ----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.compile_net and stage == "fit":
+            self.net = torch.compile(self.net)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise RuntimeError("training needs an optimizer: the module was built without one")
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs: dict[str, Any] = {}
+        if "total_steps" in _parameters(self.scheduler_factory):
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        if self.scheduler_monitor:
+            config["monitor"] = self.scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["covidqu"] = {
+            **self.recipe,
+            "module_class": f"{type(self).__module__}.{type(self).__qualname__}",
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "covidqu" in checkpoint and not self.recipe:
+            self.recipe = {k: v for k, v in checkpoint["covidqu"].items() if k != "module_class"}
+
+
+def _plain(value: Any) -> Any:
+    """Config containers as plain dicts and lists, so that checkpoints hold no OmegaConf types."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return dict(value)
+
+
+def _parameters(factory: Callable[..., Any]) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()

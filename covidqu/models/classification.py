@@ -1,0 +1,61 @@
+"""The LightningModule for 3-class CXR classification (COVID-19 / Non-COVID / Normal)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from covidqu.constants import CLASSES
+from covidqu.models.base import CXRModule
+
+
+class ClassificationModule(CXRModule):
+    """Classification of a CXR into :data:`covidqu.constants.CLASSES` (in that order).
+
+    Metrics: ``<stage>/acc``, ``f1_macro``, ``auroc`` (macro one-vs-rest),
+    ``sensitivity_covid`` and ``specificity_covid`` (COVID-19 against the other two classes),
+    over the whole split. The confusion matrix of the last validation and test epochs is kept
+    in :attr:`confusion` (rows: truth, columns: prediction).
+
+    Args:
+        **kwargs: see :class:`~covidqu.models.base.CXRModule`.
+    """
+
+    target_key = "label"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.confusion: dict[str, Tensor] = {}
+
+    def on_metrics_computed(self, stage: str, metric: Metric, values: dict[str, Tensor]) -> None:
+        matrix = getattr(metric, "confusion_matrix", None)
+        if stage != "train" and callable(matrix):
+            self.confusion[stage] = matrix().detach().cpu()
+
+    def record_test_batch(self, batch: Mapping[str, Any], logits: Tensor) -> None:
+        probs = torch.softmax(logits.float(), dim=1).cpu()
+        pred = probs.argmax(dim=1).tolist()
+        labels = batch["label"].tolist()
+        for i, image_id in enumerate(batch["id"]):
+            row: dict[str, Any] = {
+                "id": image_id,
+                "class": CLASSES[labels[i]],
+                "predicted": CLASSES[pred[i]],
+                "correct": int(pred[i] == labels[i]),
+            }
+            row.update({f"p_{name}": float(probs[i, c]) for c, name in enumerate(CLASSES)})
+            self.test_records.append(row)
+        for i in range(min(len(batch["id"]), self.keep_overlays - len(self.overlays))):
+            self.overlays.append(
+                {
+                    "id": batch["id"][i],
+                    "image": batch["image"][i, 0].float().cpu(),
+                    "label": labels[i],
+                    "prediction": pred[i],
+                    "probabilities": probs[i],
+                }
+            )

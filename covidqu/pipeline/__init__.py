@@ -1,0 +1,1 @@
+"""Library code behind the entry points: training, evaluation, prediction and their outputs."""

@@ -1,0 +1,99 @@
+"""Checks and adjustments of a composed config before anything is built."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities import rank_zero_only
+
+from covidqu.data.synth import ensure_synthetic
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config that cannot work, with the keys to change."""
+
+
+def user_override_keys(overrides: Iterable[str] | None = None) -> set[str]:
+    """Keys the user set on the command line (``a.b=1``, ``+a.b=1``, ``group=option``)."""
+    if overrides is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            overrides = HydraConfig.get().overrides.task
+        except ValueError:  # not running under @hydra.main
+            overrides = []
+    keys = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        keys.add(key)
+    return keys
+
+
+def apply_synthetic_defaults(
+    cfg: DictConfig, overrides: Iterable[str] | None = None
+) -> Path | None:
+    """With no dataset configured, generate the synthetic sample once and train briefly on it.
+
+    Sets ``data.root`` to the cached synthetic tree and applies ``synthetic.overrides`` for every
+    key the user did not set on the command line. Returns the tree, or ``None`` when a dataset
+    is configured (``data.root`` or ``COVIDQU_ROOT``).
+    """
+    if cfg.data.get("root") not in (None, ""):
+        return None
+    syn = cfg.synthetic
+    cache = Path(cfg.paths.cache_dir)
+    log.warning(
+        "No dataset configured (data.root and COVIDQU_ROOT are unset): training a short demo run "
+        "on a synthetic COVID-QU-Ex sample in %s. Set data.root=/path/to/COVID-QU-Ex to train on "
+        "the real data.",
+        cache,
+    )
+    root = ensure_synthetic(cache, per_class=syn.per_class, size=syn.size)
+    user = user_override_keys(overrides)
+    with open_dict(cfg):
+        cfg.data.root = str(root)
+        for key, value in (syn.get("overrides") or {}).items():
+            if key not in user:
+                OmegaConf.update(cfg, key, value, merge=False)
+    return root
+
+
+_SEGMENTATION_BUILDER = "build_segmentation_model"
+_CLASSIFIER_BUILDER = "build_classifier"
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse combinations that cannot work, before any data or model is built."""
+    kind = cfg.task.kind
+    target = str(cfg.model.get("_target_", ""))
+    if kind == "classification" and not target.endswith(_CLASSIFIER_BUILDER):
+        raise ConfigError(
+            f"task=classify needs a classifier, but model={target.rsplit('.', 1)[-1]} builds "
+            "a segmentation network; use model=classifier (backbone from encoder=..., or "
+            "model.name=<any timm model>), model=convnext or model=vit"
+        )
+    if kind == "segmentation" and not target.endswith(_SEGMENTATION_BUILDER):
+        raise ConfigError(
+            f"task={cfg.task.name} segments, but the model config builds a classifier "
+            f"({target}); choose a segmentation architecture, e.g. model=unet or model=fpn"
+        )
+    monitor = str(cfg.task.monitor)
+    if not monitor.startswith(("val/", "train/")):
+        raise ConfigError(f"task.monitor={monitor} must name a logged metric such as val/dice")
+    if cfg.task.monitor_mode not in ("min", "max"):
+        raise ConfigError(f"task.monitor_mode must be min or max, got {cfg.task.monitor_mode}")
+
+
+@rank_zero_only
+def print_config(cfg: DictConfig) -> None:
+    """Print the resolved config once, at the start of a run."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    Console().print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))

@@ -1,0 +1,92 @@
+"""Evaluating a checkpoint on a split: what ``python -m covidqu.eval`` runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from covidqu.models.checkpoint import load_module, preprocessing
+from covidqu.pipeline import outputs
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("test", "val", "train")
+
+
+def datamodule_for(
+    recipe_pre: dict[str, Any],
+    root: str | os.PathLike[str] | None,
+    batch_size: int = 32,
+    num_workers: int = 4,
+    limit_per_class: Any = None,
+) -> pl.LightningDataModule:
+    """The DataModule a checkpoint was trained with, on ``root`` (else its training root).
+
+    Size, normalisation and target come from the checkpoint; only where the data is and how
+    it is loaded come from the caller.
+    """
+    root = root or os.environ.get("COVIDQU_ROOT") or recipe_pre.get("data_root")
+    cls = get_class(recipe_pre["datamodule"])
+    return cls(
+        root=root,
+        target=recipe_pre["target"],
+        image_size=recipe_pre["image_size"],
+        mean=recipe_pre["mean"],
+        std=recipe_pre["std"],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        limit_per_class=limit_per_class,
+        augment=None,
+    )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Score ``cfg.ckpt_path`` on ``cfg.split``; write metrics.json, per_image.csv, overlays."""
+    if not cfg.get("ckpt_path"):
+        raise ValueError(
+            "ckpt_path is required: python -m covidqu.eval ckpt_path=RUN/checkpoints/best.ckpt"
+        )
+    split = cfg.get("split", "test")
+    if split not in SPLITS:
+        raise ValueError(f"split={split} is not one of {SPLITS}")
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    module = load_module(cfg.ckpt_path)
+    pre = preprocessing(module)
+    datamodule = datamodule_for(
+        pre,
+        cfg.data.get("root"),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        limit_per_class=cfg.data.get("limit_per_class"),
+    )
+    datamodule.setup({"test": "test", "val": "validate", "train": "fit"}[split])
+    loader = datamodule.dataloader(split)
+    module.keep_overlays = int(cfg.get("num_overlays", 0))
+
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    results = trainer.test(module, dataloaders=loader, verbose=False)
+    figures = outputs.clean_figures(results[0] if results else {})
+    metrics: dict[str, Any] = {f"{split}/{k.split('/', 1)[1]}": v for k, v in figures.items()}
+    metrics["monitor"] = module.recipe.get("task", {}).get("monitor")
+    metrics["checkpoint"] = str(Path(cfg.ckpt_path).expanduser().resolve())
+    metrics["split"] = split
+    metrics["images"] = len(module.test_records)
+    outputs.write_metrics(out_dir, metrics)
+    outputs.write_test_outputs(module, out_dir)
+    log.info("evaluated %d %s images; outputs in %s", len(module.test_records), split, out_dir)
+    return metrics

@@ -1,0 +1,177 @@
+"""Predicting on arbitrary image files: what ``python -m covidqu.predict`` runs.
+
+Any 8- or 16-bit, gray or colour PNG / JPEG (and BMP / TIFF) of any size is read, converted
+to 8-bit gray, resized and normalised exactly as the checkpoint was trained, and predicted.
+Segmentation writes ``<name>_mask.png`` at the input's own size (binary: 0 / 255; background /
+lung / infection: 0 / 128 / 255) and ``<name>_overlay.png``; classification writes an overlay
+captioned with the class. ``predictions.csv`` has one row per input, unreadable ones included
+with their error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from covidqu.constants import CLASSES
+from covidqu.data.layout import DataError
+from covidqu.data.readers import decode_png, to_gray_u8
+from covidqu.models.checkpoint import load_module, preprocessing
+from covidqu.pipeline import outputs
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PREDICTIONS_FILE = "predictions.csv"
+
+
+def find_inputs(path: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
+    """The image files at ``path``: the file itself, or those in the folder, sorted."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise FileNotFoundError(f"input={p} does not exist; give an image file or a folder")
+    found = p.rglob("*") if recursive else p.iterdir()
+    files = sorted(f for f in found if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(
+            f"input={p} holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+            + ("" if recursive else "; add recursive=true to look into sub-folders")
+        )
+    return files
+
+
+def _size(image_size: Any) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _output_names(files: Sequence[Path]) -> dict[Path, str]:
+    """A unique output stem per input (``a.png`` beside ``a.jpg`` gives ``a`` and ``a-2``)."""
+    names: dict[Path, str] = {}
+    used: set[str] = set()
+    for f in files:
+        base = outputs.safe_name(f.stem)
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}-{k}"
+        used.add(name)
+        names[f] = name
+    return names
+
+
+def predict(
+    ckpt_path: str | os.PathLike[str],
+    inputs: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    batch_size: int = 16,
+    device: str = "auto",
+    recursive: bool = False,
+) -> list[dict[str, Any]]:
+    """Predict every image at ``inputs`` into ``output``; return the rows of predictions.csv."""
+    files = find_inputs(inputs, recursive=recursive)
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = load_module(ckpt_path, map_location=device)
+    pre = preprocessing(module)
+    h, w = _size(pre["image_size"])
+    mean, std = float(pre["mean"]), float(pre["std"])
+    kind = module.recipe.get("task", {}).get("kind", "segmentation")
+    names = _output_names(files)
+
+    rows: list[dict[str, Any]] = []
+    readable: list[tuple[Path, np.ndarray]] = []
+    for f in files:
+        try:
+            readable.append((f, to_gray_u8(decode_png(f))))
+        except DataError as err:
+            log.error("skipped %s: %s", f, err)
+            rows.append({"file": str(f), "status": f"error: {err}"})
+
+    for batch in _batches(readable, batch_size):
+        x = np.stack(
+            [
+                cv2.resize(
+                    img,
+                    (w, h),
+                    interpolation=cv2.INTER_AREA if img.shape[0] > h else cv2.INTER_LINEAR,
+                )
+                for _, img in batch
+            ]
+        ).astype(np.float32)
+        x = torch.from_numpy((x / 255.0 - mean) / std).unsqueeze(1).to(device)
+        with torch.inference_mode():
+            probs = module.probabilities(module(x).float()).cpu().numpy()
+        for (f, img), p in zip(batch, probs, strict=True):
+            name = names[f]
+            if kind == "classification":
+                rows.append(_classify_row(f, img, p, out / f"{name}_overlay.png"))
+            else:
+                rows.append(_segment_row(f, img, p, module, out, name))
+    order = {str(f): i for i, f in enumerate(files)}
+    rows.sort(key=lambda r: order[r["file"]])
+    outputs.write_rows(out / PREDICTIONS_FILE, rows)
+    failed = sum(1 for r in rows if r["status"] != "ok")
+    log.info(
+        "predicted %d of %d images into %s (%d unreadable)",
+        len(rows) - failed,
+        len(rows),
+        out,
+        failed,
+    )
+    return rows
+
+
+def _segment_row(
+    f: Path, img: np.ndarray, probs: np.ndarray, module: Any, out: Path, name: str
+) -> dict[str, Any]:
+    """Resize the probabilities back to the input's size, threshold, write mask and overlay."""
+    H, W = img.shape
+    if probs.shape[0] == 1:
+        p = cv2.resize(probs[0], (W, H), interpolation=cv2.INTER_LINEAR)
+        mask = (p > module.threshold).astype(np.uint8)
+        png = mask * 255
+    else:
+        up = np.stack([cv2.resize(c, (W, H), interpolation=cv2.INTER_LINEAR) for c in probs])
+        mask = up.argmax(axis=0).astype(np.uint8)
+        png = np.round(mask * (255.0 / (probs.shape[0] - 1))).astype(np.uint8)
+    outputs.write_png(out / f"{name}_mask.png", png)
+    outputs.write_png(out / f"{name}_overlay.png", outputs.tint(img, mask))
+    row: dict[str, Any] = {
+        "file": str(f),
+        "status": "ok",
+        "height": H,
+        "width": W,
+        "area_fraction": float((mask > 0).mean()),
+    }
+    if probs.shape[0] == 3:  # background / lung / infection
+        lung = float((mask > 0).sum())
+        row["infection_fraction"] = float((mask == 2).mean())
+        row["infected_share_of_lung"] = float((mask == 2).sum() / lung) if lung else 0.0
+    return row
+
+
+def _classify_row(f: Path, img: np.ndarray, probs: np.ndarray, overlay: Path) -> dict[str, Any]:
+    k = int(probs.argmax())
+    outputs.write_png(overlay, outputs.classification_panel(img, None, k, probs.tolist()))
+    row: dict[str, Any] = {"file": str(f), "status": "ok", "predicted": CLASSES[k]}
+    row.update({f"p_{c}": float(probs[i]) for i, c in enumerate(CLASSES)})
+    return row

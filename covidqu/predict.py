@@ -1,0 +1,35 @@
+"""``python -m covidqu.predict ckpt_path=PATH input=FILE_OR_DIR output=DIR``.
+
+Writes a mask (at the input's own size) and an overlay per image, and ``predictions.csv``.
+Unreadable files are reported and skipped; the others are still written.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+import covidqu  # noqa: F401  (registers the config resolvers)
+from covidqu.pipeline.prediction import predict
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    for key in ("ckpt_path", "input", "output"):
+        if not cfg.get(key):
+            raise SystemExit(
+                f"{key} is required: python -m covidqu.predict ckpt_path=RUN/checkpoints/best.ckpt "
+                "input=IMAGE_OR_FOLDER output=OUT_FOLDER"
+            )
+    predict(
+        cfg.ckpt_path,
+        cfg.input,
+        cfg.output,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        recursive=cfg.recursive,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Training through the real configs and entry point: every task, resume, failures, learning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from covidqu.pipeline.config import ConfigError
+from covidqu.pipeline.training import train
+
+from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
+
+
+def tiny(root: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.root={root}", *extra]
+
+
+@pytest.mark.parametrize(
+    ("task", "extra", "expected"),
+    [
+        ("lung", [], ["val/dice", "val/iou", "test/dice", "test/specificity", "test/precision"]),
+        ("infection", ["model=fpn"], ["val/dice", "test/sensitivity"]),
+        (
+            "infection",
+            ["data.target=infection_multiclass", "loss=dice_ce"],
+            ["val/dice", "val/dice_infection", "val/dice_lung"],
+        ),
+        ("classify", [], ["val/acc", "val/f1_macro", "val/auroc", "test/sensitivity_covid"]),
+    ],
+)
+def test_fast_dev_run_of_each_task(synth_root, tmp_path, task, extra, expected):
+    cfg = compose_config("train", tiny(synth_root, f"task={task}", "debug=fdr", *extra), tmp_path)
+    train(cfg)
+    metrics = read_metrics(tmp_path)
+    for key in expected:
+        assert key in metrics, (key, sorted(metrics))
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["monitor"] == cfg.task.monitor
+    assert (tmp_path / "config.yaml").is_file()
+    per_image = read_csv(tmp_path / "per_image.csv")
+    assert len(per_image) == 4  # one test batch in a fast_dev_run
+    assert {"id", "class"} <= set(per_image[0])
+
+
+def test_classify_on_the_infection_subset_with_a_timm_model(synth_root, tmp_path):
+    cfg = compose_config(
+        "train",
+        tiny(
+            synth_root, "task=classify", "data=infection", "model.name=convnext_atto", "debug=fdr"
+        ),
+        tmp_path,
+    )
+    assert cfg.data._target_.endswith("InfectionDataModule")
+    train(cfg)
+    assert "test/acc" in read_metrics(tmp_path)
+    assert (tmp_path / "confusion_matrix.csv").is_file()
+
+
+def test_short_run_writes_checkpoints_metrics_and_logs(synth_root, tmp_path):
+    cfg = compose_config("train", tiny(synth_root, "trainer.max_epochs=2"), tmp_path)
+    value = train(cfg)
+    metrics = read_metrics(tmp_path)
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    assert metrics["monitor"] == "val/dice" and value == pytest.approx(metrics["val/dice"])
+    assert metrics["epochs"] == 2
+    assert metrics["best_checkpoint"] == "checkpoints/best.ckpt"
+    for stage in ("val", "test"):
+        for name in ("dice", "iou", "sensitivity", "specificity", "precision", "loss"):
+            assert f"{stage}/{name}" in metrics
+    ckpt = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=False)
+    recipe = ckpt["covidqu"]
+    assert recipe["preprocess"]["image_size"] == 32
+    assert recipe["net"]["arch"] == "unet"
+
+
+def test_resume_continues_the_epoch_counter(synth_root, tmp_path):
+    first = tmp_path / "first"
+    train(compose_config("train", tiny(synth_root, "trainer.max_epochs=1"), first))
+    last = first / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0
+
+    second = tmp_path / "second"
+    cfg = compose_config(
+        "train", tiny(synth_root, "trainer.max_epochs=3", f"ckpt_path={last}"), second
+    )
+    train(cfg)
+    assert read_metrics(second)["epochs"] == 3
+    rows = read_csv(second / "csv" / "metrics.csv")
+    epochs = sorted({int(r["epoch"]) for r in rows if r.get("val/dice")})
+    assert epochs[0] == 1  # the resumed run started at epoch 1, not 0
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 2
+    assert resumed["optimizer_states"] and resumed["lr_schedulers"]
+
+
+def test_local_encoder_weights_file(synth_root, tmp_path):
+    import segmentation_models_pytorch as smp
+
+    encoder = smp.Unet("resnet18", encoder_weights=None, in_channels=3).encoder
+    weights = tmp_path / "resnet18 encoder.pth"
+    torch.save(encoder.state_dict(), weights)
+    cfg = compose_config(
+        "train", tiny(synth_root, "debug=fdr", f"encoder.weights='{weights}'"), tmp_path / "run"
+    )
+    train(cfg)
+    assert "val/dice" in read_metrics(tmp_path / "run")
+
+
+def test_a_failed_run_leaves_a_failure_note(synth_root, tmp_path):
+    cfg = compose_config(
+        "train", tiny(synth_root, "trainer.max_epochs=1", "optimizer.lr=-1"), tmp_path
+    )
+    with pytest.raises(ValueError):
+        train(cfg)
+    note = (tmp_path / "failure.txt").read_text()
+    assert "status: failed" in note and "lr" in note.lower()
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_config_mismatch_is_refused_before_building(synth_root, tmp_path):
+    cfg = compose_config("train", tiny(synth_root, "task=classify", "model=unet"), tmp_path)
+    with pytest.raises(ConfigError, match="task=classify needs a classifier"):
+        train(cfg)
+
+
+def test_the_entry_point_runs_a_sweep_member_and_returns(synth_root, tmp_path):
+    proc = run_module(
+        "covidqu.train",
+        [*tiny(synth_root, "debug=fdr"), f"hydra.run.dir={tmp_path}"],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val/dice" in read_metrics(tmp_path)
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")),
+)
+def test_every_experiment_composes_and_passes_the_checks(name, tmp_path):
+    from covidqu.pipeline.config import check_config
+
+    cfg = compose_config("train", [f"experiment={name}"], tmp_path)
+    check_config(cfg)
+    assert cfg.task.monitor.startswith("val/")
