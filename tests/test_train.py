@@ -148,3 +148,30 @@ def test_every_experiment_composes_and_passes_the_checks(name, tmp_path):
     cfg = compose_config("train", [f"experiment={name}"], tmp_path)
     check_config(cfg)
     assert cfg.task.monitor.startswith("val/")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["scheduler=plateau", "optimizer=sgd"],
+        ["scheduler=onecycle", "optimizer=adam"],
+        ["scheduler=none", "trainer.precision=bf16-mixed"],
+        [
+            "trainer.gradient_clip_val=1.0",
+            "trainer.accumulate_grad_batches=2",
+            "seed=7",
+            "trainer.deterministic=true",
+        ],
+    ],
+    ids=["plateau-sgd", "onecycle-adam", "bf16", "clip-accumulate-deterministic"],
+)
+def test_optimisation_options(synth_root, tmp_path, extra):
+    cfg = compose_config("train", tiny(synth_root, "trainer.max_epochs=2", *extra), tmp_path)
+    train(cfg)
+    metrics = read_metrics(tmp_path)
+    assert metrics["epochs"] == 2 and 0.0 <= metrics["val/dice"] <= 1.0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    if "scheduler=none" in extra:
+        assert ckpt["lr_schedulers"] == []
+    else:
+        assert len(ckpt["lr_schedulers"]) == 1
