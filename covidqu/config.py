@@ -23,8 +23,23 @@ def seg_mode(target: str) -> str:
     return "multiclass" if target in _MULTICLASS_TARGETS else "binary"
 
 
+def optuna_direction(monitor_mode: str) -> str:
+    """Optuna's ``maximize`` / ``minimize`` for a task's ``max`` / ``min`` monitor mode."""
+    directions = {"max": "maximize", "min": "minimize"}
+    if monitor_mode not in directions:
+        raise ValueError(f"task.monitor_mode must be max or min, got {monitor_mode!r}")
+    return directions[monitor_mode]
+
+
+_RESOLVERS = {
+    "covidqu.seg_outputs": seg_outputs,
+    "covidqu.seg_mode": seg_mode,
+    "covidqu.optuna_direction": optuna_direction,
+}
+
+
 def register_resolvers() -> None:
-    """Register ``${covidqu.seg_outputs:...}`` and ``${covidqu.seg_mode:...}`` (idempotent)."""
-    for name, fn in (("covidqu.seg_outputs", seg_outputs), ("covidqu.seg_mode", seg_mode)):
+    """Register the ``${covidqu.<name>:...}`` resolvers used by conf/ (idempotent)."""
+    for name, fn in _RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

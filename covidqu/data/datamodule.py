@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import albumentations as A
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
 from covidqu.constants import SPLITS
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
@@ -62,6 +62,33 @@ def cap_per_class(
             idx = random.Random(f"{seed}/{tag}/{cls}").sample(idx, limit)
         keep.update(idx)
     return [s for i, s in enumerate(samples) if i in keep]
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """Shards an evaluation split across processes without repeating any sample.
+
+    PyTorch's sampler pads the shards to equal length with repeated samples, which would count
+    those images twice in split-level metrics and per-image rows. Here process ``r`` takes
+    samples ``r, r + world, ...``: shards differ by at most one sample and every image is seen
+    exactly once. Lightning keeps a sampler of this type instead of replacing it.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(self.rank, len(self.dataset), self.num_replicas))
+        self.total_size = len(self.dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _distributed_world() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 class COVIDQUDataModule(pl.LightningDataModule):
@@ -221,6 +248,8 @@ class COVIDQUDataModule(pl.LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         ds = self.datasets[split]
         sampler = None
+        if not train and _distributed_world() > 1:
+            sampler = EvalDistributedSampler(ds)
         if train and self.balanced_sampler:
             counts = Counter(ds.labels)
             weights = torch.tensor([1.0 / counts[y] for y in ds.labels], dtype=torch.double)

@@ -180,6 +180,7 @@ class CXRModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+        self.test_records = _gather_rows(self.test_records)
 
     # -- optimisation ----------------------------------------------------------------------------
 
@@ -213,6 +214,23 @@ class CXRModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "covidqu" in checkpoint and not self.recipe:
             self.recipe = {k: v for k, v in checkpoint["covidqu"].items() if k != "module_class"}
+
+
+def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every process's per-image rows, in dataset order, on every process.
+
+    Evaluation shards are interleaved (process ``r`` holds samples ``r, r + world, ...``), so
+    taking one row from each process in turn restores the dataset's order.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    merged = []
+    for i in range(max(len(p) for p in parts)):
+        merged += [p[i] for p in parts if i < len(p)]
+    return merged
 
 
 def _plain(value: Any) -> Any:

@@ -69,12 +69,15 @@ def save_config(cfg: DictConfig, out_dir: Path) -> None:
 
 
 @rank_zero_only
-def write_failure(out_dir: Path, err: BaseException, trace: str) -> None:
+def write_failure(
+    out_dir: Path, err: BaseException, trace: str, duration_s: float | None = None
+) -> None:
     """Record why a run failed, next to whatever checkpoints and logs it left."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = (
         f"status: failed\ntime: {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-        f"error: {type(err).__name__}: {err}\n\n{trace}"
+        + (f"duration_s: {duration_s:.1f}\n" if duration_s is not None else "")
+        + f"error: {type(err).__name__}: {err}\n\n{trace}"
     )
     _write_atomic(out_dir / FAILURE_FILE, text)
 

@@ -9,6 +9,7 @@ sweepers can optimise it.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from covidqu.pipeline.config import (
     check_config,
     print_config,
 )
+from covidqu.pipeline.distributed import job_scope, use_job_command_for_ddp
 
 log = logging.getLogger(__name__)
 
@@ -98,34 +100,77 @@ def train(cfg: DictConfig) -> float | None:
     """Fit, then validate and test the best checkpoint; write ``metrics.json``.
 
     Returns the value of ``task.monitor`` for the best checkpoint (``None`` when it was not
-    logged, e.g. in a ``fast_dev_run``).
+    logged, e.g. in a ``fast_dev_run``). A failure writes ``failure.txt`` beside whatever
+    checkpoints and logs the run left. In a sweep the failed job returns the worst possible
+    value (-inf when maximising, +inf when minimising) so that the other jobs go on and an
+    Optuna search moves away from it; the sweep's summary then reports the failure and exits
+    non-zero. Outside a sweep the error is raised.
     """
-    apply_synthetic_defaults(cfg)
-    check_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     try:
-        return _train(cfg, out_dir)
-    except BaseException as err:
-        outputs.write_failure(out_dir, err, traceback.format_exc())
+        apply_synthetic_defaults(cfg)
+        check_config(cfg)
+        with job_scope():
+            return _train(cfg, out_dir, started)
+    except Exception as err:
+        outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
+        if in_sweep():
+            log.error(
+                "this job failed (%s: %s); the sweep goes on. Details: %s",
+                type(err).__name__,
+                err,
+                out_dir / outputs.FAILURE_FILE,
+            )
+            return float("-inf") if cfg.task.get("monitor_mode") == "max" else float("inf")
+        raise
+    except BaseException as err:  # interrupted: record it, then stop as asked
+        outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
         raise
 
 
-def _train(cfg: DictConfig, out_dir: Path) -> float | None:
+def in_sweep() -> bool:
+    """Whether this job is one of a Hydra multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not running under @hydra.main
+        return False
+
+
+def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
+    """``ckpt_path`` if given; else the run folder's own ``last.ckpt`` when ``auto_resume``.
+
+    A job requeued by Slurm after preemption or a timeout starts again in the same folder:
+    it continues from its last checkpoint instead of from scratch.
+    """
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("auto_resume", True) and last.is_file():
+        log.warning("resuming from %s (auto_resume=true; set auto_resume=false to restart)", last)
+        return str(last)
+    return None
+
+
+def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     print_config(cfg)
     outputs.save_config(cfg, out_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
+    use_job_command_for_ddp()
 
     datamodule, module = build(cfg)
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
     if trainer.interrupted:
-        log.warning("training was interrupted; checkpoints so far are in %s", out_dir)
-        return None
+        raise KeyboardInterrupt(f"training was interrupted; checkpoints so far are in {out_dir}")
 
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
@@ -141,9 +186,11 @@ def _train(cfg: DictConfig, out_dir: Path) -> float | None:
             log.warning("no test split under %s: test figures are skipped", cfg.data.root)
 
     monitor = cfg.task.monitor
-    metrics = outputs.clean_figures(figures)
+    metrics: dict[str, Any] = outputs.clean_figures(figures)
     metrics["monitor"] = monitor
     metrics["epochs"] = int(trainer.current_epoch)
+    metrics["world_size"] = int(trainer.world_size)
+    metrics["duration_s"] = round(time.time() - started, 1)
     if best is not None:
         metrics["best_checkpoint"] = outputs.relative(best, out_dir)
     outputs.write_metrics(out_dir, metrics)

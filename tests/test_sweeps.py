@@ -1,0 +1,165 @@
+"""Sweeps, Optuna, failed jobs, reports and DDP on the CPU, through the real entry point."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from covidqu.report import main as report_main
+
+from pipeline_helpers import TINY, read_csv, read_metrics, run_module
+
+#: Short jobs: one epoch of two batches, one batch to validate and test.
+SHORT = [
+    *TINY,
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "callbacks.early_stopping=null",
+]
+#: Two DDP processes on the CPU (after TINY, which asks for one device).
+DDP_CPU = ["trainer=ddp_cpu", "trainer.devices=2"]
+
+
+def sweep(synth_root: Path, tmp_path: Path, *overrides: str) -> tuple[Path, object]:
+    out = tmp_path / "sweep"
+    proc = run_module(
+        "covidqu.train",
+        ["-m", *SHORT, f"data.root={synth_root}", f"hydra.sweep.dir={out}", *overrides],
+        env={"PROJECT_ROOT": str(tmp_path / "project")},
+    )
+    return out, proc
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def test_a_2x2_sweep_and_its_report(synth_root, tmp_path):
+    out, proc = sweep(synth_root, tmp_path, "model=unet,fpn", "loss=dice,dice_bce")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(out)
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    combos = set()
+    for job in jobs:
+        metrics = read_metrics(job)
+        assert "val/dice" in metrics and "test/dice" in metrics
+        assert (job / "checkpoints" / "best.ckpt").is_file()
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        combos.add(tuple(o for o in overrides if o.startswith(("model=", "loss="))))
+    assert len(combos) == 4
+    # the sweep's own summary was written at its end
+    assert (out / "report.md").is_file() and (out / "report.csv").is_file()
+    # and the report command lists the 4 runs, best first
+    (out / "report.csv").unlink()
+    assert report_main([str(out), "--quiet"]) == 0
+    rows = read_csv(out / "report.csv")
+    assert len(rows) == 4
+    assert {r["model"] for r in rows} == {"unet", "fpn"} and {r["loss"] for r in rows} == {
+        "dice",
+        "dice_bce",
+    }
+    scores = [float(r["val/dice"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert {r["status"] for r in rows} == {"completed"}
+    assert all(r["epochs"] == "1" and float(r["duration_s"]) > 0 for r in rows)
+
+
+def test_a_failed_job_does_not_stop_the_sweep(synth_root, tmp_path):
+    out, proc = sweep(synth_root, tmp_path, "optimizer.lr=0.001,-1")
+    assert proc.returncode == 1  # the sweep ends saying a job failed
+    log = proc.stdout + proc.stderr
+    assert "1 of 2 jobs did not complete" in log
+    good, bad = job_dirs(out)
+    assert read_metrics(good)["val/dice"] >= 0
+    failure = (bad / "failure.txt").read_text()
+    assert "status: failed" in failure and "Invalid learning rate" in failure
+    rows = {r["run"]: r for r in read_csv(out / "report.csv")}
+    assert rows["0"]["status"] == "completed" and rows["1"]["status"] == "failed"
+    assert "Invalid learning rate" in rows["1"]["error"]
+    assert report_main([str(out), "--quiet"]) == 1
+
+
+def test_optuna_search_of_three_trials(synth_root, tmp_path):
+    out, proc = sweep(
+        synth_root,
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.params.encoder='choice(resnet18)'",
+        "hydra.sweeper.params.augment='choice(none, light)'",
+        "hydra.sweeper.params.loss='choice(dice, dice_bce)'",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(out)
+    assert len(jobs) == 3
+    values = [read_metrics(j)["val/dice"] for j in jobs]
+    results = yaml.safe_load((out / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(max(values))
+    assert set(results["best_params"]) >= {"optimizer.lr", "loss", "augment"}
+
+
+def test_failed_trials_do_not_crash_optuna(synth_root, tmp_path):
+    # cross-entropy refuses a binary segmentation target: every trial fails at once
+    out, proc = sweep(
+        synth_root,
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.params.loss='choice(ce)'",
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert all((j / "failure.txt").is_file() for j in job_dirs(out))
+    assert len(job_dirs(out)) == 2
+
+
+def test_ddp_cpu_single_run_counts_every_test_image_once(synth_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_module(
+        "covidqu.train",
+        [*SHORT, f"data.root={synth_root}", *DDP_CPU, f"hydra.run.dir={run_dir}"],
+        env={"PROJECT_ROOT": str(tmp_path / "project")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    assert metrics["world_size"] == 2
+    rows = read_csv(run_dir / "per_image.csv")
+    assert len(rows) == 9 and len({r["id"] for r in rows}) == 9  # 9 test images, no repeats
+    # the split-level figure equals a single-process evaluation of the same checkpoint
+    ev = tmp_path / "eval"
+    proc = run_module(
+        "covidqu.eval",
+        [
+            f"ckpt_path={run_dir / metrics['best_checkpoint']}",
+            f"data.root={synth_root}",
+            "data.num_workers=0",
+            "num_overlays=0",
+            f"hydra.run.dir={ev}",
+        ],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = read_metrics(ev)
+    assert single["images"] == 9
+    for name in ("dice", "iou", "sensitivity", "specificity", "precision"):
+        assert math.isclose(single[f"test/{name}"], metrics[f"test/{name}"], abs_tol=1e-5), name
+    # both processes logged into the run folder, and nothing was written elsewhere
+    assert (run_dir / "train_ddp_process_1.log").is_file()
+    assert not (tmp_path / "project").exists()
+
+
+def test_ddp_cpu_inside_a_sweep(synth_root, tmp_path):
+    out, proc = sweep(synth_root, tmp_path, *DDP_CPU, "model=unet,fpn")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(out)
+    assert len(jobs) == 2
+    for job in jobs:
+        assert read_metrics(job)["world_size"] == 2
+        assert len(read_csv(job / "per_image.csv")) == 9
+        assert (job / "train_ddp_process_1.log").is_file()
+    # no stray folders from the re-launched processes
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0", "1"]
+    assert not (tmp_path / "project").exists()
