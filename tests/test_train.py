@@ -175,3 +175,24 @@ def test_optimisation_options(synth_root, tmp_path, extra):
         assert ckpt["lr_schedulers"] == []
     else:
         assert len(ckpt["lr_schedulers"]) == 1
+
+
+def test_a_requeued_job_resumes_from_its_own_last_checkpoint(synth_root, tmp_path):
+    """A Slurm job requeued after preemption starts again in the same folder."""
+    train(compose_config("train", tiny(synth_root, "trainer.max_epochs=1"), tmp_path))
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    train(compose_config("train", tiny(synth_root, "trainer.max_epochs=2"), tmp_path))
+    rows = read_csv(tmp_path / "csv" / "metrics.csv")
+    # the log keeps the epoch trained before the interruption and adds the resumed one
+    assert sorted(int(r["epoch"]) for r in rows if r.get("train/loss_epoch")) == [0, 1]
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * first
+
+    fresh = tmp_path / "fresh"
+    train(compose_config("train", tiny(synth_root, "trainer.max_epochs=1"), fresh))
+    train(
+        compose_config(
+            "train", tiny(synth_root, "trainer.max_epochs=1", "auto_resume=false"), fresh
+        )
+    )
+    assert torch.load(fresh / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0

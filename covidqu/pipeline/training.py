@@ -26,6 +26,7 @@ from covidqu.pipeline.config import (
     print_config,
 )
 from covidqu.pipeline.distributed import job_scope, use_job_command_for_ddp
+from covidqu.pipeline.loggers import finish_loggers, log_config
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +169,31 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
-    if trainer.interrupted:
-        raise KeyboardInterrupt(f"training was interrupted; checkpoints so far are in {out_dir}")
+    log_config(loggers, cfg)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+        if trainer.interrupted:
+            raise KeyboardInterrupt(
+                f"training was interrupted; checkpoints so far are in {out_dir}"
+            )
+        metrics = _final_metrics(cfg, trainer, module, datamodule, out_dir)
+    finally:
+        finish_loggers(loggers)
+    metrics["duration_s"] = round(time.time() - started, 1)
+    outputs.write_metrics(out_dir, metrics)
+    value = metrics.get(cfg.task.monitor)
+    log.info("%s = %s (metrics.json in %s)", cfg.task.monitor, value, out_dir)
+    return value
 
+
+def _final_metrics(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: Any,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Validate (and test) the best checkpoint; the figures for ``metrics.json``."""
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     if best is None and not trainer.fast_dev_run:
@@ -184,19 +206,13 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
             outputs.write_test_outputs(module, out_dir)
         else:
             log.warning("no test split under %s: test figures are skipped", cfg.data.root)
-
-    monitor = cfg.task.monitor
     metrics: dict[str, Any] = outputs.clean_figures(figures)
-    metrics["monitor"] = monitor
+    metrics["monitor"] = cfg.task.monitor
     metrics["epochs"] = int(trainer.current_epoch)
     metrics["world_size"] = int(trainer.world_size)
-    metrics["duration_s"] = round(time.time() - started, 1)
     if best is not None:
         metrics["best_checkpoint"] = outputs.relative(best, out_dir)
-    outputs.write_metrics(out_dir, metrics)
-    value = metrics.get(monitor)
-    log.info("%s = %s (metrics.json in %s)", monitor, value, out_dir)
-    return value
+    return metrics
 
 
 def _first(results: list[dict[str, float]]) -> dict[str, float]:
