@@ -7,7 +7,9 @@ follow.
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+from typing import Any
+
+from omegaconf import ListConfig, OmegaConf
 
 #: Segmentation targets with more than one foreground class, and their class count.
 _MULTICLASS_TARGETS = {"infection_multiclass": 3}
@@ -31,10 +33,32 @@ def optuna_direction(monitor_mode: str) -> str:
     return directions[monitor_mode]
 
 
+def slurm_tasks(devices: Any) -> int:
+    """Slurm tasks per node for ``trainer.devices``: Slurm starts one process per device."""
+    if isinstance(devices, list | ListConfig) and devices:  # explicit device indices
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        return devices
+    raise ValueError(
+        "hydra/launcher=slurm starts one Slurm task per device, so trainer.devices must be a "
+        f"number, not {devices!r}: e.g. trainer=ddp trainer.devices=4 (GPUs), or "
+        "trainer=ddp_cpu trainer.devices=2"
+    )
+
+
+def slurm_gpus(accelerator: str, devices: Any) -> int | None:
+    """GPUs per node to ask Slurm for: none for CPU runs, else one per device."""
+    return None if str(accelerator) == "cpu" else slurm_tasks(devices)
+
+
 _RESOLVERS = {
     "covidqu.seg_outputs": seg_outputs,
     "covidqu.seg_mode": seg_mode,
     "covidqu.optuna_direction": optuna_direction,
+    "covidqu.slurm_tasks": slurm_tasks,
+    "covidqu.slurm_gpus": slurm_gpus,
 }
 
 

@@ -69,6 +69,12 @@ def save_config(cfg: DictConfig, out_dir: Path) -> None:
 
 
 @rank_zero_only
+def clear_failure(out_dir: Path) -> None:
+    """Remove the failure note of an earlier attempt of this run (a requeued job, a restart)."""
+    (out_dir / FAILURE_FILE).unlink(missing_ok=True)
+
+
+@rank_zero_only
 def write_failure(
     out_dir: Path, err: BaseException, trace: str, duration_s: float | None = None
 ) -> None:

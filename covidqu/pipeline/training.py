@@ -109,6 +109,7 @@ def train(cfg: DictConfig) -> float | None:
     """
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    outputs.clear_failure(out_dir)  # an earlier attempt's note: this attempt decides anew
     started = time.time()
     try:
         apply_synthetic_defaults(cfg)
