@@ -447,3 +447,23 @@ def test_an_unreachable_server_falls_back_to_offline(no_credentials, monkeypatch
     (offline,) = offline_runs(tmp_path / "run")
     assert read_run(offline)["summary"]["val/dice"] == 0.5
     assert os.environ.get("WANDB_MODE") is None  # no process-wide side effect
+
+
+def test_only_rank_zero_logs_under_ddp(synth_root: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    proc = run_offline(
+        [
+            "logger=wandb",
+            *SHORT,
+            "trainer=ddp_cpu",
+            "trainer.devices=2",
+            f"data.root={synth_root}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 1, runs  # one W&B run for the two processes
+    assert 0.0 <= read_run(runs[0])["summary"]["val/dice"] <= 1.0
