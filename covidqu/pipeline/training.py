@@ -16,9 +16,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from covidqu.constants import CLASSES
+from covidqu.data.layout import DataError
 from covidqu.pipeline import outputs
 from covidqu.pipeline.config import (
     apply_synthetic_defaults,
@@ -92,7 +93,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
 def _has_split(datamodule: Any, split: str) -> bool:
     try:
         datamodule.split_samples(split)
-    except Exception:  # an empty or missing split: reported by the caller
+    except DataError:  # an empty or missing split: reported by the caller
         return False
     return True
 
@@ -218,9 +219,3 @@ def _final_metrics(
 
 def _first(results: list[dict[str, float]]) -> dict[str, float]:
     return dict(results[0]) if results else {}
-
-
-def set_output_dir(cfg: DictConfig, path: str | Path) -> None:
-    """Point ``paths.output_dir`` at ``path`` (for runs composed outside ``@hydra.main``)."""
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(path)
