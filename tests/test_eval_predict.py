@@ -190,3 +190,30 @@ def test_predict_with_a_classifier(classify_run: Path, synth_root: Path, tmp_pat
 def test_predict_needs_its_arguments(tmp_path: Path):
     proc = run_module("covidqu.predict", [f"hydra.run.dir={tmp_path}"])
     assert proc.returncode != 0 and "ckpt_path is required" in proc.stderr
+
+
+def test_predict_prepares_images_exactly_as_evaluation(lung_run: Path, tmp_path: Path):
+    """An odd-sized file through predict and through an evaluation dataset: the same mask."""
+    from covidqu.data.datasets import CXRDataset
+    from covidqu.data.layout import Sample
+    from covidqu.data.transforms import build_transform
+
+    ckpt = lung_run / "checkpoints" / "best.ckpt"
+    module = load_module(ckpt)
+    pre = module.recipe["preprocess"]
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (30, 70), dtype=np.uint8), (5, 5), 0)
+    cv2.imwrite(str(tmp_path / "odd.png"), image)  # one side grows, the other shrinks
+    cv2.imwrite(str(tmp_path / "odd_mask.png"), np.zeros_like(image))
+    sample = Sample(
+        "lung", "test", "Normal", "odd", tmp_path / "odd.png", tmp_path / "odd_mask.png"
+    )
+    ds = CXRDataset(
+        [sample], transform=build_transform(pre["image_size"]), mean=pre["mean"], std=pre["std"]
+    )
+    with torch.inference_mode():
+        probs = module.probabilities(module(ds[0]["image"][None]))[0, 0].numpy()
+    expected = cv2.resize(probs, (70, 30), interpolation=cv2.INTER_LINEAR) > module.threshold
+    predict(ckpt, tmp_path / "odd.png", tmp_path / "out")
+    mask = cv2.imread(str(tmp_path / "out" / "odd_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(mask > 0, expected)

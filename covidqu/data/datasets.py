@@ -8,6 +8,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from covidqu.constants import TARGETS
@@ -18,6 +19,12 @@ from covidqu.data.readers import PngReader, SampleReader
 #: matches what ImageNet-pretrained encoders (their first conv summed over RGB) expect.
 DEFAULT_MEAN = 0.449
 DEFAULT_STD = 0.226
+
+
+def normalise(image: np.ndarray, mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD) -> Tensor:
+    """A 2-D uint8 image as the float32 1 x H x W model input: ``(x / 255 - mean) / std``."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).float()
+    return x.div_(255.0).sub_(mean).div_(std).unsqueeze(0)
 
 
 class CXRDataset(Dataset):
@@ -101,8 +108,7 @@ class CXRDataset(Dataset):
             out = self.transform(image=image, masks=masks)
             image, masks = out["image"], out["masks"]
 
-        x = torch.from_numpy(np.ascontiguousarray(image)).float()
-        x = x.div_(255.0).sub_(self.mean).div_(self.std).unsqueeze(0)
+        x = normalise(image, self.mean, self.std)
         lung = torch.from_numpy(np.ascontiguousarray(masks[0]))
         item: dict[str, Any] = {"image": x, "label": sample.label, "id": sample.id}
         if self.target == "lung":

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from covidqu.constants import CLASSES
+from covidqu.data.datasets import normalise
 from covidqu.data.layout import DataError
-from covidqu.data.readers import decode_png, to_gray_u8
+from covidqu.data.readers import read_image
+from covidqu.data.transforms import build_transform
 from covidqu.models.checkpoint import load_module, preprocessing
 from covidqu.pipeline import outputs
 
@@ -47,13 +49,6 @@ def find_inputs(path: str | os.PathLike[str], recursive: bool = False) -> list[P
             + ("" if recursive else "; add recursive=true to look into sub-folders")
         )
     return files
-
-
-def _size(image_size: Any) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -92,7 +87,8 @@ def predict(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module = load_module(ckpt_path, map_location=device)
     pre = preprocessing(module)
-    h, w = _size(pre["image_size"])
+    # the very resize and normalisation the checkpoint's evaluation split went through
+    resize = build_transform(pre["image_size"])
     mean, std = float(pre["mean"]), float(pre["std"])
     kind = module.recipe.get("task", {}).get("kind", "segmentation")
     names = _output_names(files)
@@ -101,23 +97,15 @@ def predict(
     readable: list[tuple[Path, np.ndarray]] = []
     for f in files:
         try:
-            readable.append((f, to_gray_u8(decode_png(f))))
+            readable.append((f, read_image(f)))
         except DataError as err:
             log.error("skipped %s: %s", f, err)
             rows.append({"file": str(f), "status": f"error: {err}"})
 
     for batch in _batches(readable, batch_size):
-        x = np.stack(
-            [
-                cv2.resize(
-                    img,
-                    (w, h),
-                    interpolation=cv2.INTER_AREA if img.shape[0] > h else cv2.INTER_LINEAR,
-                )
-                for _, img in batch
-            ]
-        ).astype(np.float32)
-        x = torch.from_numpy((x / 255.0 - mean) / std).unsqueeze(1).to(device)
+        x = torch.stack([normalise(resize(image=img)["image"], mean, std) for _, img in batch]).to(
+            device
+        )
         with torch.inference_mode():
             probs = module.probabilities(module(x).float()).cpu().numpy()
         for (f, img), p in zip(batch, probs, strict=True):
