@@ -235,10 +235,6 @@ class COVIDQUDataModule(pl.LightningDataModule):
             std=self.std,
         )
 
-    def class_counts(self, split: str = "train") -> dict[str, int]:
-        """Samples per class name in ``split`` (after the cap)."""
-        return dict(Counter(s.cls for s in self.split_samples(split)))
-
     # -- loaders -------------------------------------------------------------------------------
 
     def dataloader(self, split: str, train: bool = False) -> DataLoader:
