@@ -18,6 +18,12 @@ class ConfigError(ValueError):
     """A config that cannot work, with the keys to change."""
 
 
+def split_override(item: str) -> tuple[str, str]:
+    """``(key, value)`` of a command-line override: ``+a.b=1`` and ``a.b=1`` give ``a.b``."""
+    key, _, value = item.partition("=")
+    return key.lstrip("+~"), value
+
+
 def user_override_keys(overrides: Iterable[str] | None = None) -> set[str]:
     """Keys the user set on the command line (``a.b=1``, ``+a.b=1``, ``group=option``)."""
     if overrides is None:
@@ -27,11 +33,7 @@ def user_override_keys(overrides: Iterable[str] | None = None) -> set[str]:
             overrides = HydraConfig.get().overrides.task
         except ValueError:  # not running under @hydra.main
             overrides = []
-    keys = set()
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        keys.add(key)
-    return keys
+    return {split_override(item)[0] for item in overrides}
 
 
 def apply_synthetic_defaults(

@@ -29,6 +29,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
+from covidqu.pipeline.config import split_override
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "https://api.wandb.ai"
@@ -116,8 +118,8 @@ def _parse(overrides: Sequence[str]) -> list[tuple[str, str, bool]]:
     except Exception:  # an override Hydra itself accepted but this parser does not: be simple
         out = []
         for line in overrides:
-            key, _, value = line.partition("=")
-            out.append((key.lstrip("+~"), line, "," in value))
+            key, value = split_override(line)
+            out.append((key, line, "," in value))
         return out
 
 

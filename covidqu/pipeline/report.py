@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from covidqu.pipeline.config import split_override
 from covidqu.pipeline.outputs import FAILURE_FILE, METRICS_FILE
 
 REPORT_CSV = "report.csv"
@@ -53,11 +54,6 @@ def _load_yaml(path: Path) -> Any:
         return None
 
 
-def _parse_override(item: str) -> tuple[str, str]:
-    key, _, value = item.partition("=")
-    return key.lstrip("+~"), value
-
-
 def _is_number_or_null(value: Any) -> bool:
     return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
@@ -77,7 +73,7 @@ def read_run(folder: Path) -> Run:
     run = Run(
         path=folder,
         status="incomplete",
-        overrides=dict(_parse_override(str(o)) for o in overrides),
+        overrides=dict(split_override(str(o)) for o in overrides),
         monitor=task.get("monitor"),
         mode=task.get("monitor_mode", "max"),
     )
