@@ -1,6 +1,6 @@
 """covidqu: an experiment framework for the COVID-QU-Ex chest X-ray dataset."""
 
-from covidqu.config import register_resolvers
+from covidqu.resolvers import register_resolvers
 
 __version__ = "0.1.0"
 

@@ -26,7 +26,9 @@ LOSS_DIR = Path(__file__).resolve().parents[1] / "conf" / "loss"
 
 #: Which configs serve which task; every file in conf/loss must be listed in one of them.
 BINARY_SEG = ["dice", "bce", "dice_bce", "focal", "tversky", "lovasz", "jaccard", "combo"]
-MULTICLASS_SEG = [*BINARY_SEG, "ce", "ce_smooth", "dice_ce"]
+#: Binary cross-entropy has no multi-class meaning: these refuse a multi-class target.
+BINARY_ONLY = ["bce", "dice_bce"]
+MULTICLASS_SEG = [n for n in BINARY_SEG if n not in BINARY_ONLY] + ["ce", "ce_smooth", "dice_ce"]
 CLASSIFICATION = ["ce", "ce_smooth", "focal"]
 MULTICLASS_ONLY = ["ce", "ce_smooth", "dice_ce"]
 
@@ -87,7 +89,7 @@ def wrong_logits(mode: str, target: torch.Tensor, scale: float = 12.0) -> torch.
 
 def test_every_config_is_covered() -> None:
     names = {p.stem for p in LOSS_DIR.glob("*.yaml")}
-    assert names == set(MULTICLASS_SEG) | set(CLASSIFICATION)
+    assert names == set(BINARY_SEG) | set(MULTICLASS_SEG) | set(CLASSIFICATION)
 
 
 @pytest.mark.parametrize("kind", ["empty", "full", "random"])
@@ -186,13 +188,45 @@ def test_jaccard_matches_hand_value() -> None:
 def test_dice_classes_selects_channels() -> None:
     target = seg_target("multiclass", "random")
     logits = random_logits("multiclass")
-    full = DiceLoss("multiclass", classes=None)(logits, target)
+    full = DiceLoss("multiclass", classes=None, include_background=True)(logits, target)
     fg = DiceLoss("multiclass", classes=[1, 2])(logits, target)
     assert not torch.isclose(full, fg)
     with pytest.raises(ValueError, match=r"loss\.classes"):
         DiceLoss("binary", classes=[0])
     with pytest.raises(ValueError, match=r"loss\.classes"):
         DiceLoss("multiclass", classes=[5])(logits, target)
+
+
+@pytest.mark.parametrize("name", ["dice", "jaccard", "tversky"])
+def test_multiclass_overlap_losses_leave_the_background_out_like_the_metrics(name: str) -> None:
+    target = seg_target("multiclass", "random")
+    logits = random_logits("multiclass")
+    loss_fn = build(name, "multiclass")  # the config, as a run builds it
+    foreground = build(name, "multiclass", classes=[1, 2])(logits, target)
+    everything = build(name, "multiclass", include_background=True)(logits, target)
+    assert torch.isclose(loss_fn(logits, target), foreground)
+    assert not torch.isclose(foreground, everything)
+
+
+def test_dice_loss_is_one_minus_the_metric_dice_on_hard_multiclass_predictions() -> None:
+    from covidqu.models.metrics import SegmentationMetrics
+
+    target = seg_target("multiclass", "random")
+    guess = torch.where(torch.rand(B, H, W) < 0.3, (target + 1) % C, target)  # 30 % wrong
+    logits = perfect_logits("multiclass", guess, scale=40.0)
+    metric = SegmentationMetrics("multiclass", num_classes=C)
+    metric.update(logits, target)
+    expected = 1.0 - float(metric.compute()["dice"])
+    alone = build("dice", "multiclass", smooth=0.0)
+    part = build("dice_ce", "multiclass", losses={"dice": {"smooth": 0.0}}).losses["dice"]
+    for loss_fn in (alone, part):
+        assert float(loss_fn(logits, target)) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", BINARY_ONLY)
+def test_binary_cross_entropy_refuses_a_multiclass_target(name: str) -> None:
+    message = str(build_error(name, "multiclass"))
+    assert "loss=ce" in message and "loss=dice_ce" in message
 
 
 def test_lovasz_per_image_on_empty_images() -> None:
@@ -373,15 +407,13 @@ def test_focal_alpha_and_gamma() -> None:
     )
 
 
-def test_bce_pos_weight_and_multiclass_cross_entropy() -> None:
+def test_bce_pos_weight_and_no_multiclass() -> None:
     logits, target = random_logits("binary"), seg_target("binary", "random")
     plain = build("bce", "binary")(logits, target)
     assert torch.isclose(plain, F.binary_cross_entropy_with_logits(logits, target))
     assert not torch.isclose(build("bce", "binary", pos_weight=5.0)(logits, target), plain)
-    mlogits, mtarget = random_logits("multiclass"), seg_target("multiclass", "random")
-    assert torch.isclose(
-        build("bce", "multiclass")(mlogits, mtarget), F.cross_entropy(mlogits, mtarget)
-    )
+    # a multi-class target is refused, not quietly trained with cross-entropy as "loss_bce"
+    assert "loss=ce" in str(build_error("bce", "multiclass"))
     assert "loss.pos_weight" in str(build_error("bce", "multiclass", pos_weight=2.0))
 
 

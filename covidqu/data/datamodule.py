@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-from covidqu.constants import SPLITS
+from covidqu.constants import SPLITS, subset_targets
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
 from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
 from covidqu.data.readers import SampleReader, build_reader
@@ -118,7 +118,6 @@ class COVIDQUDataModule(pl.LightningDataModule):
     """
 
     subset: ClassVar[str]
-    targets: ClassVar[tuple[str, ...]]
 
     def __init__(
         self,
@@ -169,6 +168,11 @@ class COVIDQUDataModule(pl.LightningDataModule):
         build_transform(image_size)  # validate the size now, not in a worker
         self.index: Index | None = None
         self.datasets: dict[str, CXRDataset] = {}
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The ``data.target`` values this subset serves, its default first."""
+        return subset_targets(self.subset)
 
     @staticmethod
     def _limits(limit: int | Mapping[str, int | None] | None) -> dict[str, int | None]:
@@ -284,7 +288,6 @@ class LungDataModule(COVIDQUDataModule):
     """The lung subset: lung masks and class labels for 33,920 CXRs."""
 
     subset = "lung"
-    targets = ("lung",)
 
 
 class InfectionDataModule(COVIDQUDataModule):
@@ -295,4 +298,3 @@ class InfectionDataModule(COVIDQUDataModule):
     """
 
     subset = "infection"
-    targets = ("infection", "infection_multiclass", "lung")

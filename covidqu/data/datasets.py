@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import albumentations as A
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from covidqu.constants import TARGETS
+from covidqu.constants import SUBSET_MASKS, target_info
 from covidqu.data.layout import DataError, Sample
 from covidqu.data.readers import PngReader, SampleReader
 
@@ -32,9 +32,9 @@ class CXRDataset(Dataset):
 
     Args:
         samples: index samples, all from one subset (see :func:`covidqu.data.layout.scan`).
-        target: what ``mask`` holds: ``lung`` (binary lung mask), ``infection`` (binary
-            infection mask) or ``infection_multiclass`` (0 background / 1 lung / 2 infection).
-            Infection targets need infection-subset samples.
+        target: what ``mask`` holds, a name of :data:`covidqu.constants.TARGETS` (``lung``,
+            ``infection``, ``infection_multiclass``, ...); its masks must be in the samples'
+            subset.
         transform: an albumentations pipeline applied to the image and every mask at once
             (:func:`covidqu.data.transforms.build_transform`); ``None`` keeps the stored size.
         reader: where pixels come from; defaults to decoding the PNG files.
@@ -50,16 +50,14 @@ class CXRDataset(Dataset):
         mean: float = DEFAULT_MEAN,
         std: float = DEFAULT_STD,
     ) -> None:
-        if target not in TARGETS:
-            raise ValueError(f"data.target={target!r} is not one of {TARGETS}")
-        if target != "lung":
-            lacking = [s for s in samples if s.infection_mask is None]
-            if lacking:
-                raise DataError(
-                    f"data.target={target} needs infection masks, but {len(lacking)} sample(s) "
-                    f"come from the {lacking[0].subset} subset (e.g. {lacking[0].image}); "
-                    "use data=infection"
-                )
+        spec = target_info(target)
+        lacking = [s for s in samples if not set(spec.masks) <= set(SUBSET_MASKS[s.subset])]
+        if lacking:
+            raise DataError(
+                f"data.target={target} needs {' and '.join(spec.masks)} masks, but "
+                f"{len(lacking)} sample(s) come from the {lacking[0].subset} subset (e.g. "
+                f"{lacking[0].image}); use data={spec.subset}"
+            )
         if std <= 0:
             raise ValueError(f"data.std must be positive, got {std}")
         self.samples = list(samples)
@@ -68,7 +66,11 @@ class CXRDataset(Dataset):
         self.reader = reader if reader is not None else PngReader()
         self.mean = float(mean)
         self.std = float(std)
-        self._with_infection = target != "lung"
+        self.spec = spec
+        #: The masks to read: the target's, and the lung mask for severity whenever the target
+        #: is something else (see the batch contract).
+        self.mask_kinds = tuple(dict.fromkeys((*spec.masks, "lung")))
+        self._with_lung = spec.masks != ("lung",)
         self._seeded_with: int | None = None
 
     def __len__(self) -> int:
@@ -94,14 +96,13 @@ class CXRDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
         image = self.reader.image(sample)
-        masks = [self.reader.lung_mask(sample)]
-        if self._with_infection:
-            masks.append(self.reader.infection_mask(sample))
-        for path, m in zip((sample.lung_mask, sample.infection_mask), masks, strict=False):
+        masks = [self.reader.mask(sample, kind) for kind in self.mask_kinds]
+        for kind, m in zip(self.mask_kinds, masks, strict=True):
             if m.shape != image.shape:
                 raise DataError(
-                    f"mask {path} is {m.shape[0]}x{m.shape[1]} but its image {sample.image} is "
-                    f"{image.shape[0]}x{image.shape[1]}; the pair must have the same size"
+                    f"mask {sample.mask(kind)} is {m.shape[0]}x{m.shape[1]} but its image "
+                    f"{sample.image} is {image.shape[0]}x{image.shape[1]}; the pair must have the "
+                    "same size"
                 )
         if self.transform is not None:
             self._reseed_transform()
@@ -109,15 +110,26 @@ class CXRDataset(Dataset):
             image, masks = out["image"], out["masks"]
 
         x = normalise(image, self.mean, self.std)
-        lung = torch.from_numpy(np.ascontiguousarray(masks[0]))
+        by_kind = {
+            kind: torch.from_numpy(np.ascontiguousarray(m))
+            for kind, m in zip(self.mask_kinds, masks, strict=True)
+        }
         item: dict[str, Any] = {"image": x, "label": sample.label, "id": sample.id}
-        if self.target == "lung":
-            item["mask"] = lung.float().unsqueeze(0)
-            return item
-        infection = torch.from_numpy(np.ascontiguousarray(masks[1]))
-        if self.target == "infection":
-            item["mask"] = infection.float().unsqueeze(0)
-        else:
-            item["mask"] = (lung.bool() | infection.bool()).long() + infection.long()
-        item["lung"] = lung.float().unsqueeze(0)
+        item["mask"] = target_mask(self.spec.masks, by_kind)
+        if self._with_lung:
+            item["lung"] = by_kind["lung"].float().unsqueeze(0)
         return item
+
+
+def target_mask(kinds: Sequence[str], masks: Mapping[str, Tensor]) -> Tensor:
+    """The ``mask`` of a target made of ``kinds`` (see :class:`covidqu.constants.Target`).
+
+    One kind: that mask as float32 1 x H x W. Several: int64 H x W class indices, class ``k``
+    where ``kinds[k - 1]`` is set and no later kind is, 0 elsewhere.
+    """
+    if len(kinds) == 1:
+        return masks[kinds[0]].float().unsqueeze(0)
+    label = torch.zeros_like(masks[kinds[0]], dtype=torch.long)
+    for k, kind in enumerate(kinds, start=1):
+        label[masks[kind] > 0] = k
+    return label

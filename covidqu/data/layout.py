@@ -91,6 +91,10 @@ class Sample:
         """Class index in :data:`covidqu.constants.CLASSES` order."""
         return CLASSES.index(self.cls)
 
+    def mask(self, kind: str) -> Path | None:
+        """The path of its ``lung`` or ``infection`` mask (``None`` where the subset has none)."""
+        return {"lung": self.lung_mask, "infection": self.infection_mask}[kind]
+
     def key(self) -> str:
         """``"<subset>/<split>/<class>"``, the key used in counts."""
         return f"{self.subset}/{self.split}/{self.cls}"

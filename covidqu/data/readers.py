@@ -88,9 +88,9 @@ class SampleReader(Protocol):
 
     def image(self, sample: Sample) -> np.ndarray: ...
 
-    def lung_mask(self, sample: Sample) -> np.ndarray: ...
-
-    def infection_mask(self, sample: Sample) -> np.ndarray: ...
+    def mask(self, sample: Sample, kind: str) -> np.ndarray:
+        """Its ``lung`` or ``infection`` mask."""
+        ...
 
 
 class PngReader:
@@ -99,16 +99,14 @@ class PngReader:
     def image(self, sample: Sample) -> np.ndarray:
         return read_image(sample.image)
 
-    def lung_mask(self, sample: Sample) -> np.ndarray:
-        return read_mask(sample.lung_mask)
-
-    def infection_mask(self, sample: Sample) -> np.ndarray:
-        if sample.infection_mask is None:
+    def mask(self, sample: Sample, kind: str) -> np.ndarray:
+        path = sample.mask(kind)
+        if path is None:
             raise DataError(
-                f"{sample.id} ({sample.subset} subset) has no infection mask: infection targets "
-                "need the infection subset (data=infection)"
+                f"{sample.id} ({sample.subset} subset) has no {kind} mask: targets made of it "
+                "need a subset that has it (data=infection)"
             )
-        return read_mask(sample.infection_mask)
+        return read_mask(path)
 
 
 #: Readers by the name used in config (``data.reader``).

@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from covidqu.models.shapes import check_mode, check_segmentation
+
 __all__ = [
-    "MODES",
     "BCELoss",
     "CrossEntropyLoss",
     "DiceLoss",
@@ -54,21 +55,7 @@ __all__ = [
     "WeightedSum",
 ]
 
-#: Values ``loss.mode`` accepts.
-MODES: tuple[str, ...] = ("binary", "multiclass")
-
 _CLASSIFICATION_LOSSES = "loss=ce, loss=ce_smooth or loss=focal"
-
-
-def _check_mode(mode: str, name: str) -> str:
-    if mode not in MODES:
-        raise ValueError(
-            f"loss.mode={mode!r} is not valid for {name}: use 'binary' (one sigmoid channel, "
-            "data.target=lung or infection) or 'multiclass' (softmax over channels, "
-            "data.target=infection_multiclass or task=classify). The loss configs set it to "
-            "${task.mode}, so it normally follows the task."
-        )
-    return mode
 
 
 def _check_class_list(values: Sequence[float] | None, key: str) -> Tensor | None:
@@ -99,7 +86,7 @@ class _Loss(nn.Module):
 
     def __init__(self, mode: str) -> None:
         super().__init__()
-        self.mode = _check_mode(mode, self.config_name)
+        self.mode = check_mode(mode, "loss.mode")
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
@@ -132,49 +119,15 @@ class _Loss(nn.Module):
                     f"{target.dtype}"
                 )
             return logits.float(), target.long()
-        if logits.dim() != 4:
-            raise ValueError(
-                f"loss={name}: logits must be B x C x H x W (segmentation) or B x C "
-                f"(classification); got shape {tuple(logits.shape)}"
-            )
-        b, c, h, w = logits.shape
-        if self.mode == "binary":
-            if c != 1:
-                raise ValueError(
-                    f"loss={name} with loss.mode=binary expects logits B x 1 x H x W but got "
-                    f"{c} channels {tuple(logits.shape)}. A multi-class target "
-                    "(data.target=infection_multiclass) needs loss.mode=multiclass: check "
-                    "data.target and the task (loss.mode follows ${task.mode})."
-                )
-            if target.dim() == 3:
-                target = target.unsqueeze(1)
-            if tuple(target.shape) != (b, 1, h, w):
-                raise ValueError(
-                    f"loss={name} with loss.mode=binary expects a target B x 1 x H x W = "
-                    f"{(b, 1, h, w)} matching the logits; got {tuple(target.shape)}. Check "
-                    "data.target and the task (loss.mode follows ${task.mode})."
-                )
-            return logits.float(), target.float()
-        if c < 2:
-            raise ValueError(
-                f"loss={name} with loss.mode=multiclass expects logits with C >= 2 channels; got "
-                f"{tuple(logits.shape)}. A binary mask target (data.target=lung or infection) "
-                "needs loss.mode=binary (loss.mode follows ${task.mode})."
-            )
-        if target.dim() == 4 and target.shape[1] == 1:
-            target = target.squeeze(1)
-        if target.is_floating_point():
-            raise ValueError(
-                f"loss={name} with loss.mode=multiclass expects int64 class indices B x H x W, "
-                f"got a {target.dtype} target {tuple(target.shape)}; a float 0/1 mask is a "
-                "binary target and needs loss.mode=binary (check data.target and the task)."
-            )
-        if tuple(target.shape) != (b, h, w):
-            raise ValueError(
-                f"loss={name} with loss.mode=multiclass expects a target B x H x W = {(b, h, w)} "
-                f"matching the logits {tuple(logits.shape)}; got {tuple(target.shape)}"
-            )
-        return logits.float(), target.long()
+        logits, target = check_segmentation(
+            logits,
+            target,
+            self.mode,
+            who=f"loss={name}",
+            key="loss.mode",
+            also=" (segmentation) or B x C (classification)",
+        )
+        return logits.float(), (target.float() if self.mode == "binary" else target)
 
 
 class TverskyLoss(_Loss):
@@ -198,8 +151,11 @@ class TverskyLoss(_Loss):
         gamma: exponent on ``1 - TI`` per channel (focal Tversky when ``gamma != 1``), > 0.
         smooth: added to numerator and denominator (``s``), >= 0; keeps empty masks defined.
         eps: lower bound of the denominator, > 0, for ``smooth = 0``.
-        classes: multiclass only: channel indices averaged into the loss (e.g. ``[1, 2]`` to
-            leave out the background); ``None`` averages all channels.
+        classes: multiclass only: channel indices averaged into the loss (e.g. ``[0, 1, 2]``);
+            ``None`` takes the channels that ``include_background`` says.
+        include_background: multiclass only, when ``classes`` is ``None``: average channel 0
+            (the background) in as well. Off by default, so that the loss scores the classes
+            the metrics score (their ``dice`` is the mean over the foreground classes).
     """
 
     config_name = "tversky"
@@ -213,6 +169,7 @@ class TverskyLoss(_Loss):
         smooth: float = 1.0,
         eps: float = 1e-7,
         classes: Sequence[int] | None = None,
+        include_background: bool = False,
     ) -> None:
         super().__init__(mode)
         for key, value in (("alpha", alpha), ("beta", beta), ("smooth", smooth)):
@@ -236,11 +193,13 @@ class TverskyLoss(_Loss):
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.smooth, self.eps = float(smooth), float(eps)
         self.classes = classes
+        self.include_background = bool(include_background)
 
     def extra_repr(self) -> str:
         return (
             f"mode={self.mode!r}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, "
-            f"smooth={self.smooth}, classes={self.classes}"
+            f"smooth={self.smooth}, classes={self.classes}, "
+            f"include_background={self.include_background}"
         )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -270,60 +229,67 @@ class TverskyLoss(_Loss):
                     f"({per_class.shape[0]} channels) do not have"
                 )
             per_class = per_class[self.classes]
+        elif self.mode == "multiclass" and not self.include_background:
+            per_class = per_class[1:]
         return per_class.mean()
 
 
-class DiceLoss(TverskyLoss):
-    """Soft Dice loss ``1 - (2 TP + s) / (2 TP + FP + FN + s)`` (pooled over the batch).
-
-    This is :class:`TverskyLoss` with ``alpha = beta = 0.5``; empty masks count as described
-    there: empty truth and empty prediction give loss 0, predicted foreground on empty truth is
-    penalised, never NaN.
+class _OverlapLoss(TverskyLoss):
+    """:class:`TverskyLoss` with false positives and negatives weighed alike (``weight``).
 
     Args:
         mode: ``binary`` (sigmoid, logits B x 1 x H x W) or ``multiclass`` (softmax over
             B x C x H x W logits, int64 B x H x W target). Classification logits are rejected.
         smooth: added to numerator and denominator, >= 0; keeps empty masks defined.
         eps: lower bound of the denominator, > 0.
-        classes: multiclass only: channel indices averaged into the loss; ``None`` for all.
+        classes: multiclass only: channel indices averaged into the loss; ``None`` for the
+            foreground channels (all with ``include_background``).
+        include_background: multiclass only: see :class:`TverskyLoss`.
+    """
+
+    #: ``alpha = beta`` of the Tversky index.
+    weight: float
+
+    def __init__(
+        self,
+        mode: str = "binary",
+        smooth: float = 1.0,
+        eps: float = 1e-7,
+        classes: Sequence[int] | None = None,
+        include_background: bool = False,
+    ) -> None:
+        super().__init__(
+            mode,
+            alpha=self.weight,
+            beta=self.weight,
+            smooth=smooth,
+            eps=eps,
+            classes=classes,
+            include_background=include_background,
+        )
+
+
+class DiceLoss(_OverlapLoss):
+    """Soft Dice loss ``1 - (2 TP + s) / (2 TP + FP + FN + s)`` (pooled over the batch).
+
+    The Tversky loss with ``alpha = beta = 0.5``; empty masks count as described there: empty
+    truth and empty prediction give loss 0, predicted foreground on empty truth is penalised,
+    never NaN. Arguments as in :class:`_OverlapLoss`.
     """
 
     config_name = "dice"
-
-    def __init__(
-        self,
-        mode: str = "binary",
-        smooth: float = 1.0,
-        eps: float = 1e-7,
-        classes: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(mode, alpha=0.5, beta=0.5, smooth=smooth, eps=eps, classes=classes)
+    weight = 0.5
 
 
-class JaccardLoss(TverskyLoss):
+class JaccardLoss(_OverlapLoss):
     """Soft Jaccard (IoU) loss ``1 - (TP + s) / (TP + FP + FN + s)`` (pooled over the batch).
 
-    This is :class:`TverskyLoss` with ``alpha = beta = 1``; empty masks count as described
-    there.
-
-    Args:
-        mode: ``binary`` (sigmoid, logits B x 1 x H x W) or ``multiclass`` (softmax over
-            B x C x H x W logits, int64 B x H x W target). Classification logits are rejected.
-        smooth: added to numerator and denominator, >= 0; keeps empty masks defined.
-        eps: lower bound of the denominator, > 0.
-        classes: multiclass only: channel indices averaged into the loss; ``None`` for all.
+    The Tversky loss with ``alpha = beta = 1``; empty masks count as described there.
+    Arguments as in :class:`_OverlapLoss`.
     """
 
     config_name = "jaccard"
-
-    def __init__(
-        self,
-        mode: str = "binary",
-        smooth: float = 1.0,
-        eps: float = 1e-7,
-        classes: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(mode, alpha=1.0, beta=1.0, smooth=smooth, eps=eps, classes=classes)
+    weight = 1.0
 
 
 class LovaszLoss(_Loss):
@@ -490,34 +456,32 @@ class CrossEntropyLoss(_Loss):
 
 
 class BCELoss(_Loss):
-    """Binary cross-entropy on logits; cross-entropy in multiclass mode.
+    """Binary cross-entropy on logits, for binary mask targets.
 
-    Binary mode wraps :func:`torch.nn.functional.binary_cross_entropy_with_logits`. In
-    multiclass mode (``data.target=infection_multiclass``) the per-channel sigmoid BCE does not
-    fit mutually exclusive classes, so this is plain softmax cross-entropy, which lets
-    ``loss=bce`` and ``loss=dice_bce`` follow the task. Pixel-wise, so empty masks need no
-    special case.
+    Wraps :func:`torch.nn.functional.binary_cross_entropy_with_logits`. A multi-class target is
+    refused rather than quietly computed as something else: its classes are mutually exclusive,
+    which is cross-entropy's job (``loss=ce``, ``loss=dice_ce``). Pixel-wise, so empty masks need
+    no special case.
 
     Args:
-        mode: ``binary`` (logits B x 1 x H x W, float target) or ``multiclass`` (logits
-            B x C x H x W, int64 B x H x W target; computed as cross-entropy).
-        pos_weight: binary only: weight of foreground pixels relative to background (> 0), e.g.
-            the background / foreground pixel ratio for sparse infection masks; ``None`` for 1.
-            Not allowed in multiclass mode: use ``loss=ce`` with ``loss.class_weights`` there.
+        mode: must be ``binary`` (logits B x 1 x H x W, float target).
+        pos_weight: weight of foreground pixels relative to background (> 0), e.g. the
+            background / foreground pixel ratio for sparse infection masks; ``None`` for 1.
     """
 
     config_name = "bce"
-    supports_classification = True
 
     def __init__(self, mode: str = "binary", pos_weight: float | None = None) -> None:
         super().__init__(mode)
+        if mode != "binary":
+            raise ValueError(
+                f"loss={self.config_name} needs a binary mask target (loss.mode=binary, got "
+                f"{mode!r}); for a multi-class target or task=classify use loss=ce or "
+                "loss=dice_ce (segmentation), with loss.class_weights to weigh classes"
+                + ("" if pos_weight is None else " instead of loss.pos_weight")
+            )
         weight = None
         if pos_weight is not None:
-            if mode != "binary":
-                raise ValueError(
-                    f"loss.pos_weight={pos_weight!r} only applies to loss.mode=binary; for a "
-                    "multiclass target use loss=ce with loss.class_weights"
-                )
             if not math.isfinite(float(pos_weight)) or pos_weight <= 0:
                 raise ValueError(f"loss.pos_weight must be a finite number > 0, got {pos_weight!r}")
             weight = torch.tensor([float(pos_weight)])
@@ -530,10 +494,8 @@ class BCELoss(_Loss):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Loss for raw ``logits`` against ``target`` (see the module docstring for shapes)."""
         logits, target = self._prepare(logits, target)
-        if self.mode == "binary":
-            weight = None if self.pos_weight is None else self.pos_weight.to(logits.dtype)
-            return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
-        return F.cross_entropy(logits, target)
+        weight = None if self.pos_weight is None else self.pos_weight.to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
 
 
 class WeightedSum(nn.Module):
@@ -593,11 +555,6 @@ class WeightedSum(nn.Module):
         self.weights: dict[str, float] = resolved
         #: Detached value of each part from the latest call, by name.
         self.last: dict[str, Tensor] = {}
-
-    @property
-    def supports_classification(self) -> bool:
-        """Whether every part accepts classification logits."""
-        return all(getattr(m, "supports_classification", False) for m in self.losses.values())
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}"

@@ -45,6 +45,9 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from covidqu.constants import TARGETS
+from covidqu.models.shapes import check_mode, check_segmentation
+
 __all__ = [
     "SEGMENTATION_KEYS",
     "ClassificationMetrics",
@@ -53,29 +56,28 @@ __all__ = [
     "per_image_scores",
 ]
 
+#: The config key of the metrics' mode, named in errors.
+_KEY = "module.metrics.mode"
+
 #: Keys every segmentation result has (multiclass: means over the foreground classes).
 SEGMENTATION_KEYS: tuple[str, ...] = ("dice", "iou", "sensitivity", "specificity", "precision")
 
-_MODES = ("binary", "multiclass")
-
 
 def default_class_names(num_classes: int) -> tuple[str, ...]:
-    """Names of the segmentation classes: background / lung / infection for 3 classes."""
-    if num_classes == 3:
-        return ("background", "lung", "infection")
+    """Names of the segmentation classes where none are given: those of the multi-class target
+    with that many classes (background / lung / infection for 3), else generic ones."""
     if num_classes == 1:
         return ("foreground",)
+    for target in TARGETS.values():
+        if target.mode == "multiclass" and target.num_classes == num_classes:
+            return target.classes
     return tuple(f"class{i}" for i in range(num_classes))
 
 
 def _check_setup(
     mode: str, num_classes: int, threshold: float, class_names: Sequence[str] | None
 ) -> tuple[str, ...]:
-    if mode not in _MODES:
-        raise ValueError(
-            f"mode={mode!r} is not valid: use 'binary' (one sigmoid channel, data.target=lung or "
-            "infection) or 'multiclass' (softmax channels, data.target=infection_multiclass)"
-        )
+    check_mode(mode, _KEY)
     if mode == "binary" and num_classes != 1:
         raise ValueError(
             f"mode=binary needs num_classes=1 (one sigmoid channel), got {num_classes}"
@@ -96,25 +98,12 @@ def _per_image_counts(
     logits: Tensor, target: Tensor, mode: str, threshold: float, num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """True/false positive/negative pixel counts, int64 of shape B x C (C = 1 in binary mode)."""
-    if logits.dim() != 4:
-        raise ValueError(
-            f"segmentation logits must be B x C x H x W, got shape {tuple(logits.shape)}"
-        )
+    logits, target = check_segmentation(
+        logits, target, mode, who="segmentation metrics", key=_KEY, num_classes=num_classes
+    )
     b, c, h, w = logits.shape
     if mode == "binary":
-        if c != 1:
-            raise ValueError(
-                f"mode=binary expects logits B x 1 x H x W, got {c} channels "
-                f"{tuple(logits.shape)}; a multi-class target needs mode=multiclass "
-                "(check data.target and the task)"
-            )
-        if target.dim() == 3:
-            target = target.unsqueeze(1)
-        if tuple(target.shape) != (b, 1, h, w):
-            raise ValueError(
-                f"mode=binary expects a target B x 1 x H x W = {(b, 1, h, w)}, got "
-                f"{tuple(target.shape)}"
-            )
+        # strictly above: a pixel at exactly the threshold (logit 0 at 0.5) is negative
         pred = (torch.sigmoid(logits.float()) > threshold).reshape(b, 1, -1)
         truth = (target > 0.5).reshape(b, 1, -1)
         tp = (pred & truth).sum(-1)
@@ -123,24 +112,6 @@ def _per_image_counts(
         tn = (~pred & ~truth).sum(-1)
         return tp.long(), fp.long(), fn.long(), tn.long()
 
-    if c != num_classes:
-        raise ValueError(
-            f"mode=multiclass with num_classes={num_classes} got logits with {c} channels "
-            f"{tuple(logits.shape)}"
-        )
-    if target.dim() == 4 and target.shape[1] == 1:
-        target = target.squeeze(1)
-    if tuple(target.shape) != (b, h, w) or target.is_floating_point():
-        raise ValueError(
-            f"mode=multiclass expects an int64 target B x H x W = {(b, h, w)}, got "
-            f"{target.dtype} {tuple(target.shape)}"
-        )
-    target = target.long()
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(
-            f"multiclass target values must be in [0, {num_classes}), got "
-            f"[{int(target.min())}, {int(target.max())}]"
-        )
     pred = logits.argmax(dim=1)
     # One confusion matrix per image (rows truth, columns prediction) via a single bincount.
     offset = torch.arange(b, device=logits.device).view(b, 1, 1) * (c * c)

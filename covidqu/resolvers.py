@@ -11,18 +11,27 @@ from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
-#: Segmentation targets with more than one foreground class, and their class count.
-_MULTICLASS_TARGETS = {"infection_multiclass": 3}
+from covidqu.constants import CLASSES, target_info
 
 
 def seg_outputs(target: str) -> int:
     """Output channels of a segmentation network for a ``data.target``."""
-    return _MULTICLASS_TARGETS.get(target, 1)
+    return target_info(target).num_classes
 
 
 def seg_mode(target: str) -> str:
     """``binary`` (one sigmoid channel) or ``multiclass`` (softmax over channels)."""
-    return "multiclass" if target in _MULTICLASS_TARGETS else "binary"
+    return target_info(target).mode
+
+
+def seg_classes(target: str) -> list[str]:
+    """Names of a segmentation network's output channels for a ``data.target``."""
+    return list(target_info(target).classes)
+
+
+def num_classes() -> int:
+    """How many image classes there are (COVID-19, Non-COVID, Normal)."""
+    return len(CLASSES)
 
 
 def optuna_direction(monitor_mode: str) -> str:
@@ -56,6 +65,8 @@ def slurm_gpus(accelerator: str, devices: Any) -> int | None:
 _RESOLVERS = {
     "covidqu.seg_outputs": seg_outputs,
     "covidqu.seg_mode": seg_mode,
+    "covidqu.seg_classes": seg_classes,
+    "covidqu.num_classes": num_classes,
     "covidqu.optuna_direction": optuna_direction,
     "covidqu.slurm_tasks": slurm_tasks,
     "covidqu.slurm_gpus": slurm_gpus,
