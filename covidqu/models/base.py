@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -148,9 +149,42 @@ class CXRModule(pl.LightningModule):
         logits, _ = self._step(batch, "test")
         self.record_test_batch(batch, logits.detach())
 
+    # -- what the task shows: the pipeline calls these without knowing which task runs ---------
+
     def record_test_batch(self, batch: Mapping[str, Any], logits: Tensor) -> None:
-        """Append per-image rows (and overlays) for one test batch; subclasses fill rows."""
+        """Append this batch's rows to :attr:`test_records` and keep up to
+        :attr:`keep_overlays` items in :attr:`overlays` (for :meth:`render_overlay`)."""
         raise NotImplementedError
+
+    def render_overlay(self, item: Mapping[str, Any]) -> np.ndarray:
+        """A BGR picture of one item kept in :attr:`overlays`."""
+        raise NotImplementedError
+
+    def test_tables(self) -> dict[str, list[dict[str, Any]]]:
+        """Tables of the last test run besides the per-image rows, by file stem."""
+        return {}
+
+    def confusion_matrix(self, stage: str) -> Tensor | None:
+        """The confusion matrix of the last ``val`` / ``test`` epoch, where the task has one."""
+        return None
+
+    def media_panels(self, batch: Mapping[str, Any], n: int) -> list[tuple[str, np.ndarray]]:
+        """Up to ``n`` captioned BGR pictures of a validation batch for an experiment tracker;
+        none by default."""
+        return []
+
+    def predict_outputs(
+        self, image: np.ndarray, probabilities: np.ndarray
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What ``predict`` writes for one input image (2-D uint8, at its own size) given the
+        network's probabilities for it: the row's columns, and pictures by file suffix."""
+        raise NotImplementedError
+
+    @property
+    def normalisation(self) -> tuple[float, float]:
+        """The ``(mean, std)`` the inputs were normalised with (from the recipe)."""
+        pre = self.recipe.get("preprocess", {})
+        return float(pre.get("mean", 0.0)), float(pre.get("std", 1.0))
 
     # -- epoch ends ------------------------------------------------------------------------------
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from covidqu.constants import CLASSES
 from covidqu.models.base import CXRModule
+from covidqu.models.figures import classification_panel, denormalise
 
 
 class ClassificationModule(CXRModule):
@@ -59,3 +61,33 @@ class ClassificationModule(CXRModule):
                     "probabilities": probs[i],
                 }
             )
+
+    def render_overlay(self, item: Mapping[str, Any]) -> np.ndarray:
+        image = denormalise(item["image"].numpy(), *self.normalisation)
+        return classification_panel(
+            image, item["label"], item["prediction"], item["probabilities"].tolist()
+        )
+
+    def confusion_matrix(self, stage: str) -> Tensor | None:
+        return self.confusion.get(stage)
+
+    def test_tables(self) -> dict[str, list[dict[str, Any]]]:
+        """``confusion_matrix``: one row per true class, one column per predicted class."""
+        matrix = self.confusion.get("test")
+        if matrix is None:
+            return {}
+        rows = [
+            {"truth": truth, **{name: int(matrix[i, j]) for j, name in enumerate(CLASSES)}}
+            for i, truth in enumerate(CLASSES)
+        ]
+        return {"confusion_matrix": rows}
+
+    def predict_outputs(
+        self, image: np.ndarray, probabilities: np.ndarray
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The predicted class and each class's probability; the image captioned with it."""
+        k = int(probabilities.argmax())
+        row: dict[str, Any] = {"predicted": CLASSES[k]}
+        row.update({f"p_{name}": float(probabilities[i]) for i, name in enumerate(CLASSES)})
+        overlay = classification_panel(image, None, k, probabilities.tolist())
+        return row, {"overlay": overlay}

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+import cv2
+import numpy as np
+import torch
 from torch import Tensor
 
 from covidqu.constants import CLASSES
 from covidqu.models.base import CXRModule
-from covidqu.models.metrics import per_image_scores
+from covidqu.models.figures import denormalise, segmentation_panel, tint
+from covidqu.models.metrics import default_class_names, per_image_scores
 
 
 class SegmentationModule(CXRModule):
@@ -22,30 +26,45 @@ class SegmentationModule(CXRModule):
     score (dice = iou = 1), and any prediction on an empty mask as dice = iou = 0.
 
     Args:
-        threshold: probability above which a pixel is foreground (binary only).
-        class_names: names of the output channels of a multi-class network (for per-class
-            metric names), e.g. ``[background, lung, infection]``.
+        threshold: probability above which a pixel is foreground (binary only); a pixel at
+            exactly the threshold is background.
         **kwargs: see :class:`~covidqu.models.base.CXRModule`.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        threshold: float = 0.5,
-        class_names: Sequence[str] | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, threshold: float = 0.5, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not 0 < threshold < 1:
             raise ValueError(f"module.threshold must be in (0, 1), got {threshold}")
         self.threshold = threshold
-        self.class_names = list(class_names) if class_names else None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names of the network's output channels, as the metrics name them."""
+        names = getattr(self.val_metrics, "class_names", None)
+        return tuple(names) if names else default_class_names(self.val_metrics.num_classes)
 
     def predict_masks(self, logits: Tensor) -> Tensor:
         """B x H x W integer masks: 0/1 for binary, the argmax class for multi-class."""
         if logits.shape[1] == 1:
             return (logits[:, 0].sigmoid() > self.threshold).long()
         return logits.argmax(dim=1)
+
+    # -- what the task shows ---------------------------------------------------------------------
+
+    def _overlay_items(self, batch: Mapping[str, Any], logits: Tensor, n: int) -> list[dict]:
+        pred = self.predict_masks(logits[:n])
+        target = batch["mask"][:n]
+        target = target[:, 0] if target.dim() == 4 else target
+        target = (target > 0.5) if target.is_floating_point() else target
+        return [
+            {
+                "id": str(batch["id"][i]),
+                "image": batch["image"][i, 0].float().cpu(),
+                "target": target[i].long().cpu(),
+                "prediction": pred[i].cpu(),
+            }
+            for i in range(min(n, len(batch["id"])))
+        ]
 
     def record_test_batch(self, batch: Mapping[str, Any], logits: Tensor) -> None:
         mode = "binary" if logits.shape[1] == 1 else "multiclass"
@@ -55,22 +74,57 @@ class SegmentationModule(CXRModule):
             mode=mode,
             threshold=self.threshold,
             num_classes=logits.shape[1],
+            class_names=self.class_names if mode == "multiclass" else None,
         )
         labels = batch["label"].tolist()
         for i, image_id in enumerate(batch["id"]):
             row: dict[str, Any] = {"id": image_id, "class": CLASSES[labels[i]]}
             row.update({k: float(v[i]) for k, v in scores.items()})
             self.test_records.append(row)
-        if len(self.overlays) < self.keep_overlays:
-            pred = self.predict_masks(logits)
-            target = batch["mask"]
-            target = target[:, 0] if target.dim() == 4 else target
-            for i in range(min(len(batch["id"]), self.keep_overlays - len(self.overlays))):
-                self.overlays.append(
-                    {
-                        "id": batch["id"][i],
-                        "image": batch["image"][i, 0].float().cpu(),
-                        "target": target[i].long().cpu(),
-                        "prediction": pred[i].cpu(),
-                    }
-                )
+        room = self.keep_overlays - len(self.overlays)
+        if room > 0:
+            self.overlays += self._overlay_items(batch, logits, room)
+
+    def render_overlay(self, item: Mapping[str, Any]) -> np.ndarray:
+        image = denormalise(item["image"].numpy(), *self.normalisation)
+        return segmentation_panel(image, item["target"].numpy(), item["prediction"].numpy())
+
+    @torch.no_grad()
+    def media_panels(self, batch: Mapping[str, Any], n: int) -> list[tuple[str, np.ndarray]]:
+        """Image | truth | prediction panels of the first ``n`` images of ``batch``."""
+        n = min(n, int(batch["image"].shape[0]))
+        precision = self.trainer.precision_plugin
+        images = precision.convert_input(batch["image"][:n])
+        with precision.val_step_context():
+            logits = self(images)
+        items = self._overlay_items(batch, logits, n)
+        return [(item["id"], self.render_overlay(item)) for item in items]
+
+    def predict_outputs(
+        self, image: np.ndarray, probabilities: np.ndarray
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The mask at the input's own size (binary 0 / 255; classes spread over 0..255) and its
+        overlay; the row has the size and the predicted foreground share, and where the classes
+        include a lung and an infection, the infected share of the lung (severity)."""
+        H, W = image.shape
+        up = np.stack(
+            [cv2.resize(c, (W, H), interpolation=cv2.INTER_LINEAR) for c in probabilities]
+        )
+        if up.shape[0] == 1:
+            mask = (up[0] > self.threshold).astype(np.uint8)
+            png = mask * 255
+        else:
+            mask = up.argmax(axis=0).astype(np.uint8)
+            png = np.round(mask * (255.0 / (up.shape[0] - 1))).astype(np.uint8)
+        row: dict[str, Any] = {
+            "height": H,
+            "width": W,
+            "area_fraction": float((mask > 0).mean()),
+        }
+        names = self.class_names
+        if up.shape[0] > 1 and {"lung", "infection"} <= set(names):
+            infected = mask == names.index("infection")
+            lung = float((mask > 0).sum())
+            row["infection_fraction"] = float(infected.mean())
+            row["infected_share_of_lung"] = float(infected.sum() / lung) if lung else 0.0
+        return row, {"mask": png, "overlay": tint(image, mask)}

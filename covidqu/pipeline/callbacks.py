@@ -12,7 +12,6 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from covidqu.constants import CLASSES
-from covidqu.pipeline.outputs import denormalise, segmentation_panel
 
 
 class WandbMedia(pl.Callback):
@@ -21,14 +20,15 @@ class WandbMedia(pl.Callback):
     After each validation (every ``every_n_epochs`` epochs of training, and every standalone
     ``trainer.validate``, e.g. of the best checkpoint) it logs:
 
-    - segmentation: ``val/overlays``, image | truth | prediction panels of the first
-      ``num_images`` images of the first validation batch;
-    - classification: ``val/confusion_matrix``, a table of the split's confusion matrix (rows
-      truth, columns prediction, in :data:`~covidqu.constants.CLASSES` order), and
-      ``val/confusion_matrix_plot``, the same as a W&B confusion-matrix chart.
+    - ``val/overlays``: the module's pictures of the first ``num_images`` images of the first
+      validation batch (:meth:`~covidqu.models.base.CXRModule.media_panels`; segmentation:
+      image | truth | prediction panels);
+    - where the module keeps a confusion matrix (classification): ``val/confusion_matrix``, a
+      table of it (rows truth, columns prediction, in :data:`~covidqu.constants.CLASSES`
+      order), and ``val/confusion_matrix_plot``, the same as a W&B confusion-matrix chart.
 
     Only rank zero does any work. Between the first batch and the end of validation it holds
-    ``num_images`` small uint8 arrays (image, truth, prediction), nothing on the device.
+    ``num_images`` small uint8 pictures, nothing on the device.
 
     Args:
         num_images: how many overlays to log (0: none).
@@ -45,7 +45,7 @@ class WandbMedia(pl.Callback):
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
         self._logger: WandbLogger | None = None
-        self._pending: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[str, np.ndarray]] = []
 
     # -- when --------------------------------------------------------------------------------------
 
@@ -72,34 +72,11 @@ class WandbMedia(pl.Callback):
     ) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or self.num_images == 0:
             return
-        if not self._active(trainer) or not hasattr(pl_module, "predict_masks"):
+        if not self._active(trainer) or not isinstance(batch, Mapping):
             return
-        if not isinstance(batch, Mapping) or "mask" not in batch:
-            return
-        self._pending = self._overlay_arrays(trainer, pl_module, batch)
-
-    @torch.no_grad()
-    def _overlay_arrays(
-        self, trainer: pl.Trainer, pl_module: Any, batch: Mapping[str, Any]
-    ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-        n = min(self.num_images, int(batch["image"].shape[0]))
-        precision = trainer.precision_plugin
-        images = precision.convert_input(batch["image"][:n])
-        with precision.val_step_context():
-            logits = pl_module(images)
-        prediction = pl_module.predict_masks(logits).to(torch.uint8).cpu().numpy()
-        target = batch["mask"][:n]
-        target = target[:, 0] if target.dim() == 4 else target
-        target = (target > 0.5) if target.is_floating_point() else target
-        target = target.to(torch.uint8).cpu().numpy()
-        pre = getattr(pl_module, "recipe", {}).get("preprocess", {})
-        gray = denormalise(
-            batch["image"][:n, 0].float().cpu().numpy(),
-            float(pre.get("mean", 0.0)),
-            float(pre.get("std", 1.0)),
-        )
-        ids = list(batch.get("id", [str(i) for i in range(n)]))[:n]
-        return [(str(ids[i]), gray[i], target[i], prediction[i]) for i in range(n)]
+        media_panels = getattr(pl_module, "media_panels", None)
+        if callable(media_panels):
+            self._pending = media_panels(batch, self.num_images)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the module's own epoch end, so its confusion matrix is this epoch's.
@@ -111,14 +88,11 @@ class WandbMedia(pl.Callback):
         media: dict[str, Any] = {}
         if pending:
             media["val/overlays"] = [
-                wandb.Image(
-                    np.ascontiguousarray(segmentation_panel(image, target, pred)[..., ::-1]),
-                    caption=image_id,
-                )
-                for image_id, image, target, pred in pending
+                wandb.Image(np.ascontiguousarray(panel[..., ::-1]), caption=image_id)
+                for image_id, panel in pending
             ]
-        confusion = getattr(pl_module, "confusion", None)
-        matrix = confusion.get("val") if isinstance(confusion, Mapping) else None
+        confusion = getattr(pl_module, "confusion_matrix", None)
+        matrix = confusion("val") if callable(confusion) else None
         if matrix is not None:
             media.update(confusion_media(matrix))
         if media and self._logger is not None:

@@ -65,24 +65,14 @@ def apply_synthetic_defaults(
     return root
 
 
-_SEGMENTATION_BUILDER = "build_segmentation_model"
-_CLASSIFIER_BUILDER = "build_classifier"
-
-
 def check_config(cfg: DictConfig) -> None:
     """Refuse combinations that cannot work, before any data or model is built."""
-    kind = cfg.task.kind
-    target = str(cfg.model.get("_target_", ""))
-    if kind == "classification" and not target.endswith(_CLASSIFIER_BUILDER):
+    network = cfg.task.get("network")
+    builder = str(cfg.model.get("_target_", ""))
+    if network and builder != network.builder:
         raise ConfigError(
-            f"task=classify needs a classifier, but model={target.rsplit('.', 1)[-1]} builds "
-            "a segmentation network; use model=classifier (backbone from encoder=..., or "
-            "model.name=<any timm model>), model=convnext or model=vit"
-        )
-    if kind == "segmentation" and not target.endswith(_SEGMENTATION_BUILDER):
-        raise ConfigError(
-            f"task={cfg.task.name} segments, but the model config builds a classifier "
-            f"({target}); choose a segmentation architecture, e.g. model=unet or model=fpn"
+            f"task={cfg.task.name} needs {network.what}, but the model config builds "
+            f"{builder.rsplit('.', 1)[-1]} ({builder}); use {network.choices}"
         )
     monitor = str(cfg.task.monitor)
     if not monitor.startswith(("val/", "train/")):

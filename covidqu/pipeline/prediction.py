@@ -1,11 +1,12 @@
 """Predicting on arbitrary image files: what ``python -m covidqu.predict`` runs.
 
 Any 8- or 16-bit, gray or colour PNG / JPEG (and BMP / TIFF) of any size is read, converted
-to 8-bit gray, resized and normalised exactly as the checkpoint was trained, and predicted.
-Segmentation writes ``<name>_mask.png`` at the input's own size (binary: 0 / 255; background /
-lung / infection: 0 / 128 / 255) and ``<name>_overlay.png``; classification writes an overlay
-captioned with the class. ``predictions.csv`` has one row per input, unreadable ones included
-with their error.
+to 8-bit gray, resized and normalised exactly as the checkpoint was trained, and predicted. What
+is written for each image is the module's to say (:meth:`~covidqu.models.base.CXRModule.
+predict_outputs`): segmentation writes ``<name>_mask.png`` at the input's own size (binary:
+0 / 255; background / lung / infection: 0 / 128 / 255) and ``<name>_overlay.png``;
+classification writes an overlay captioned with the class. ``predictions.csv`` has one row per
+input, unreadable ones included with their error.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
-from covidqu.constants import CLASSES
 from covidqu.data.datasets import normalise
 from covidqu.data.layout import DataError
 from covidqu.data.readers import read_image
@@ -90,7 +89,6 @@ def predict(
     # the very resize and normalisation the checkpoint's evaluation split went through
     resize = build_transform(pre["image_size"])
     mean, std = float(pre["mean"]), float(pre["std"])
-    kind = module.recipe.get("task", {}).get("kind", "segmentation")
     names = _output_names(files)
 
     rows: list[dict[str, Any]] = []
@@ -109,11 +107,10 @@ def predict(
         with torch.inference_mode():
             probs = module.probabilities(module(x).float()).cpu().numpy()
         for (f, img), p in zip(batch, probs, strict=True):
-            name = names[f]
-            if kind == "classification":
-                rows.append(_classify_row(f, img, p, out / f"{name}_overlay.png"))
-            else:
-                rows.append(_segment_row(f, img, p, module, out, name))
+            fields, pictures = module.predict_outputs(img, p)
+            for suffix, picture in pictures.items():
+                outputs.write_png(out / f"{names[f]}_{suffix}.png", picture)
+            rows.append({"file": str(f), "status": "ok", **fields})
     order = {str(f): i for i, f in enumerate(files)}
     rows.sort(key=lambda r: order[r["file"]])
     outputs.write_rows(out / PREDICTIONS_FILE, rows)
@@ -126,40 +123,3 @@ def predict(
         failed,
     )
     return rows
-
-
-def _segment_row(
-    f: Path, img: np.ndarray, probs: np.ndarray, module: Any, out: Path, name: str
-) -> dict[str, Any]:
-    """Resize the probabilities back to the input's size, threshold, write mask and overlay."""
-    H, W = img.shape
-    if probs.shape[0] == 1:
-        p = cv2.resize(probs[0], (W, H), interpolation=cv2.INTER_LINEAR)
-        mask = (p > module.threshold).astype(np.uint8)
-        png = mask * 255
-    else:
-        up = np.stack([cv2.resize(c, (W, H), interpolation=cv2.INTER_LINEAR) for c in probs])
-        mask = up.argmax(axis=0).astype(np.uint8)
-        png = np.round(mask * (255.0 / (probs.shape[0] - 1))).astype(np.uint8)
-    outputs.write_png(out / f"{name}_mask.png", png)
-    outputs.write_png(out / f"{name}_overlay.png", outputs.tint(img, mask))
-    row: dict[str, Any] = {
-        "file": str(f),
-        "status": "ok",
-        "height": H,
-        "width": W,
-        "area_fraction": float((mask > 0).mean()),
-    }
-    if probs.shape[0] == 3:  # background / lung / infection
-        lung = float((mask > 0).sum())
-        row["infection_fraction"] = float((mask == 2).mean())
-        row["infected_share_of_lung"] = float((mask == 2).sum() / lung) if lung else 0.0
-    return row
-
-
-def _classify_row(f: Path, img: np.ndarray, probs: np.ndarray, overlay: Path) -> dict[str, Any]:
-    k = int(probs.argmax())
-    outputs.write_png(overlay, outputs.classification_panel(img, None, k, probs.tolist()))
-    row: dict[str, Any] = {"file": str(f), "status": "ok", "predicted": CLASSES[k]}
-    row.update({f"p_{c}": float(probs[i]) for i, c in enumerate(CLASSES)})
-    return row
