@@ -8,6 +8,7 @@ optimizer steps of the whole run, after accumulation and across devices).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
@@ -44,20 +45,11 @@ def warmup_cosine(
 
 
 def one_cycle(
-    optimizer: Optimizer,
-    total_steps: int,
-    max_lr_factor: float = 10.0,
-    pct_start: float = 0.3,
+    optimizer: Optimizer, total_steps: int, max_lr_factor: float = 10.0, **options: Any
 ) -> OneCycleLR:
-    """One-cycle policy peaking at ``max_lr_factor`` times the optimizer's configured rate.
-
-    Args:
-        optimizer: the optimizer; its ``lr`` is the starting point of the cycle's peak.
-        total_steps: optimizer steps of the whole run (stepped every step).
-        max_lr_factor: peak rate = configured ``optimizer.lr`` x this factor.
-        pct_start: share of the steps spent rising to the peak.
-    """
+    """One-cycle policy over ``total_steps`` optimizer steps (stepped every step), rising to a
+    peak of ``max_lr_factor`` times each parameter group's configured ``optimizer.lr``, then
+    annealing far below it. ``options`` go to :class:`torch.optim.lr_scheduler.OneCycleLR`
+    (``pct_start``: the share of the steps spent rising; ``anneal_strategy``, ...)."""
     max_lr = [g["lr"] * max_lr_factor for g in optimizer.param_groups]
-    return OneCycleLR(
-        optimizer, max_lr=max_lr, total_steps=max(1, int(total_steps)), pct_start=pct_start
-    )
+    return OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, int(total_steps)), **options)
