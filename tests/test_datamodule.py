@@ -126,6 +126,34 @@ def test_loaders_with_workers_batch_sizes_and_sampler(synth_root: Path):
     assert dm.test_dataloader().dataset is dm.datasets["test"]
 
 
+def as_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> None:
+    """Make this process look like process ``rank`` of ``world`` DDP processes."""
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+
+
+def test_ddp_evaluation_shards_hold_every_image_once(synth_root: Path, monkeypatch):
+    """Lightning's unrepeated sampler, interleaved as the per-image rows' gathering expects."""
+    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+    dm = make(LungDataModule, synth_root, eval_batch_size=2)
+    dm.setup("test")
+    ids = [s.id for s in dm.datasets["test"].samples]
+    shards = []
+    for rank in range(2):
+        as_rank(monkeypatch, rank, world=2)
+        loader = dm.test_dataloader()
+        assert isinstance(loader.sampler, UnrepeatedDistributedSampler)
+        shards.append([i for batch in loader for i in batch["id"]])
+    assert shards == [ids[0::2], ids[1::2]]  # 5 + 4 images: none padded, none dropped
+    # a split smaller than the number of processes is refused, saying what to change
+    as_rank(monkeypatch, 9, world=10)
+    with pytest.raises(DataError, match=r"test split has 9 images.*10 processes.*trainer\.devices"):
+        dm.test_dataloader()
+
+
 def test_balanced_sampler_draws_classes_evenly(synth_copy: Path):
     # Make COVID-19 five times as common as each other class in train (15 : 3 : 3).
     folder = synth_copy / SUBSET_DIRS["lung"] / SUBSET_DIRS["lung"] / "Train" / "COVID-19"

@@ -77,6 +77,26 @@ def test_short_run_writes_checkpoints_metrics_and_logs(synth_root, tmp_path):
     assert recipe["net"]["arch"] == "unet"
 
 
+def test_without_a_best_checkpoint_the_last_weights_are_reported(synth_root, tmp_path, caplog):
+    """callbacks.model_checkpoint=null leaves only last.ckpt: it is not the best checkpoint."""
+    cfg = compose_config(
+        "train",
+        tiny(synth_root, "trainer.max_epochs=2", "callbacks.model_checkpoint=null"),
+        tmp_path,
+    )
+    with caplog.at_level("WARNING", logger="covidqu"):
+        train(cfg)
+    metrics = read_metrics(tmp_path)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+    assert "best_checkpoint" in metrics and metrics["best_checkpoint"] is None
+    assert "no best checkpoint" in caplog.text and "last weights" in caplog.text
+    # the final figures are those of the last epoch's weights
+    rows = read_csv(tmp_path / "csv" / "metrics.csv")
+    last_val = [float(r["val/dice"]) for r in rows if r.get("val/dice") and r["epoch"] == "1"]
+    assert metrics["val/dice"] == pytest.approx(last_val[-1], abs=1e-6)
+
+
 def test_resume_continues_the_epoch_counter(synth_root, tmp_path):
     first = tmp_path / "first"
     train(compose_config("train", tiny(synth_root, "trainer.max_epochs=1"), first))

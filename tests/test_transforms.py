@@ -87,3 +87,28 @@ def test_workers_draw_different_augmentations(tmp_path: Path):
     # while the whole thing stays reproducible under the same seed
     torch.manual_seed(0)
     assert torch.equal(first, epoch(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)))
+
+
+def test_ddp_ranks_without_workers_draw_different_augmentations(tmp_path: Path, monkeypatch):
+    """With data.num_workers=0 every rank's main process has the same torch seed after
+    seed_everything: the rank must still give each process its own augmentations."""
+    import cv2
+    import pytorch_lightning as pl
+
+    image, lung, _ = asymmetric_case()
+    cv2.imwrite(str(tmp_path / "img.png"), image)
+    cv2.imwrite(str(tmp_path / "lung.png"), lung * 255)
+    sample = Sample("lung", "train", "Normal", "img", tmp_path / "img.png", tmp_path / "lung.png")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+
+    def masks_drawn(rank: int) -> torch.Tensor:
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+        pl.seed_everything(7, workers=True, verbose=False)
+        ds = CXRDataset([sample] * 8, transform=build_transform(64, augment_config("strong")))
+        return torch.stack([ds[i]["mask"] for i in range(len(ds))])
+
+    rank0, rank1 = masks_drawn(0), masks_drawn(1)
+    assert not torch.equal(rank0, rank1)
+    assert torch.equal(rank1, masks_drawn(1))  # the same rank and seed draw the same
+    assert torch.equal(rank0, masks_drawn(0))

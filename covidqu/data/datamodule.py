@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 import albumentations as A
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from covidqu.constants import SPLITS, subset_targets
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
@@ -64,31 +65,28 @@ def cap_per_class(
     return [s for i, s in enumerate(samples) if i in keep]
 
 
-class EvalDistributedSampler(DistributedSampler):
-    """Shards an evaluation split across processes without repeating any sample.
-
-    PyTorch's sampler pads the shards to equal length with repeated samples, which would count
-    those images twice in split-level metrics and per-image rows. Here process ``r`` takes
-    samples ``r, r + world, ...``: shards differ by at most one sample and every image is seen
-    exactly once. Lightning keeps a sampler of this type instead of replacing it.
-    """
-
-    def __init__(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(self.rank, len(self.dataset), self.num_replicas))
-        self.total_size = len(self.dataset)
-
-    def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
 def _distributed_world() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
+
+
+def _eval_sampler(ds: CXRDataset, split: str, world: int) -> UnrepeatedDistributedSampler:
+    """This process's shard of an evaluation split: every image exactly once over all processes.
+
+    PyTorch's DistributedSampler, which Lightning injects by default, pads the shards with
+    repeated images, which would count them twice in split-level figures and per-image rows.
+    Lightning's unrepeated sampler gives process ``r`` the images ``r, r + world, ...`` (the
+    order the per-image rows are gathered back in), and Lightning keeps a DistributedSampler it
+    is given instead of injecting its own.
+    """
+    if len(ds) < world:
+        raise DataError(
+            f"the {split} split has {len(ds)} images, fewer than the {world} processes that "
+            "evaluate it: every process needs at least one. Evaluate on fewer devices "
+            "(trainer.devices, trainer.num_nodes) or on more images (data.limit_per_class)."
+        )
+    return UnrepeatedDistributedSampler(ds, shuffle=False)
 
 
 class COVIDQUDataModule(pl.LightningDataModule):
@@ -248,8 +246,9 @@ class COVIDQUDataModule(pl.LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         ds = self.datasets[split]
         sampler = None
-        if not train and _distributed_world() > 1:
-            sampler = EvalDistributedSampler(ds)
+        world = _distributed_world()
+        if not train and world > 1:
+            sampler = _eval_sampler(ds, split, world)
         if train and self.balanced_sampler:
             counts = Counter(ds.labels)
             weights = torch.tensor([1.0 / counts[y] for y in ds.labels], dtype=torch.double)

@@ -27,6 +27,15 @@ def normalise(image: np.ndarray, mean: float = DEFAULT_MEAN, std: float = DEFAUL
     return x.div_(255.0).sub_(mean).div_(std).unsqueeze(0)
 
 
+def _process_rank() -> int:
+    """This process's global rank under ``torch.distributed`` (0 outside it); forked
+    DataLoader workers inherit their parent's."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
 class CXRDataset(Dataset):
     """Images and masks of ``samples``, transformed together, as dicts of tensors.
 
@@ -71,7 +80,7 @@ class CXRDataset(Dataset):
         #: is something else (see the batch contract).
         self.mask_kinds = tuple(dict.fromkeys((*spec.masks, "lung")))
         self._with_lung = spec.masks != ("lung",)
-        self._seeded_with: int | None = None
+        self._seeded_with: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -81,17 +90,20 @@ class CXRDataset(Dataset):
         return [s.label for s in self.samples]
 
     def _reseed_transform(self) -> None:
-        """Give each DataLoader worker, and each epoch's workers, their own augmentation stream.
+        """Give each process, each DataLoader worker, and each epoch's workers their own
+        augmentation stream.
 
         An albumentations pipeline draws from its own generator, copied as is into every forked
         worker: left alone, all workers (and, without persistent workers, all epochs) would
         replay the same augmentations. ``torch.initial_seed()`` differs per worker and per
-        epoch, and follows ``seed_everything``, so runs stay reproducible.
+        epoch, and follows ``seed_everything``, so runs stay reproducible. It does not differ
+        between DDP processes that load in their main process (``data.num_workers=0``) after
+        ``seed_everything``: the process's rank joins it in the seed.
         """
-        seed = torch.initial_seed()
-        if self.transform is not None and seed != self._seeded_with:
-            self.transform.set_random_seed(seed % 2**32)
-            self._seeded_with = seed
+        key = (torch.initial_seed(), _process_rank())
+        if self.transform is not None and key != self._seeded_with:
+            self.transform.set_random_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+            self._seeded_with = key
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]

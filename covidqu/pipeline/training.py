@@ -196,8 +196,7 @@ def _final_metrics(
     out_dir: Path,
 ) -> dict[str, Any]:
     """Validate (and test) the best checkpoint; the figures for ``metrics.json``."""
-    ckpt = trainer.checkpoint_callback
-    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    best = _best_checkpoint(trainer)
     if best is None and not trainer.fast_dev_run:
         log.warning("no best checkpoint was recorded; final figures use the last weights")
     figures: dict[str, Any] = {}
@@ -212,9 +211,22 @@ def _final_metrics(
     metrics["monitor"] = cfg.task.monitor
     metrics["epochs"] = int(trainer.current_epoch)
     metrics["world_size"] = int(trainer.world_size)
-    if best is not None:
-        metrics["best_checkpoint"] = outputs.relative(best, out_dir)
+    metrics["best_checkpoint"] = outputs.relative(best, out_dir) if best is not None else None
     return metrics
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The file of the best weights by a monitored metric; ``None`` when nothing picked one.
+
+    ``trainer.checkpoint_callback`` is merely the first ModelCheckpoint: without the ``best``
+    one (``callbacks.model_checkpoint=null``) it is the one writing ``last.ckpt``, whose
+    ``best_model_path`` is the latest file, not the best.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        path = getattr(callback, "best_model_path", None)
+        if getattr(callback, "monitor", None) is not None and path:
+            return path
+    return None
 
 
 def _first(results: list[dict[str, float]]) -> dict[str, float]:
