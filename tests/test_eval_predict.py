@@ -187,6 +187,45 @@ def test_predict_with_a_classifier(classify_run: Path, synth_root: Path, tmp_pat
     assert len(list((tmp_path / "out").glob("*_overlay.png"))) == 3
 
 
+class _HalfAtThreshold(torch.nn.Module):
+    """Logits of exactly 0 (probability 0.5) on the left half, slightly above on the right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        out[..., x.shape[-1] // 2 :] = 0.01
+        return out
+
+
+def test_predict_leaves_a_probability_at_the_threshold_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The rule is probability > threshold, as in evaluation: 0.5 is background."""
+    from covidqu.models.metrics import SegmentationMetrics
+    from covidqu.models.segmentation import SegmentationModule
+
+    module = SegmentationModule(
+        net=_HalfAtThreshold(),
+        loss=None,
+        metrics=SegmentationMetrics(),
+        threshold=0.5,
+        recipe={
+            "task": {"kind": "segmentation"},
+            "preprocess": {"image_size": 32, "mean": 0.449, "std": 0.226},
+        },
+    ).eval()
+    monkeypatch.setattr(
+        "covidqu.pipeline.prediction.load_module", lambda path, map_location="cpu": module
+    )
+    cv2.imwrite(str(tmp_path / "cxr.png"), np.full((40, 48), 120, np.uint8))
+    rows = predict(tmp_path / "model.ckpt", tmp_path / "cxr.png", tmp_path / "out")
+    mask = cv2.imread(str(tmp_path / "out" / "cxr_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (40, 48)
+    # the left part's probability is exactly 0.5 (bilinear between values of 0.5)
+    assert int(mask[:, :20].max()) == 0, "pixels at probability 0.5 were counted positive"
+    assert int(mask[:, 28:].min()) == 255
+    assert 0.4 < rows[0]["area_fraction"] < 0.6
+
+
 def test_predict_needs_its_arguments(tmp_path: Path):
     proc = run_module("covidqu.predict", [f"hydra.run.dir={tmp_path}"])
     assert proc.returncode != 0 and "ckpt_path is required" in proc.stderr

@@ -102,6 +102,58 @@ def test_class_comes_from_the_folder_not_the_file_name(synth_copy: Path):
     assert index.problems == []
 
 
+def test_a_file_named_for_another_class_takes_its_folders_class(synth_copy: Path):
+    """``covid_99.png`` under ``Normal/images`` is a Normal image, everywhere it is read.
+
+    Lung subset: a Normal image renamed. Infection subset: a COVID-19 image (with its infection
+    mask) moved, name and all, into the Normal folder. A name is not a problem (the real data
+    has misnamed files, such as 41 ``Non_COVID (n).png``), but the pixel check then judges the
+    moved file as the Normal image its folder makes it, and flags its infection mask.
+    """
+    from covidqu.data.datamodule import InfectionDataModule, LungDataModule
+    from covidqu.data.inspection import inspect_tree
+
+    name = "covid_99.png"
+    lung_normal = inner(synth_copy, "lung") / "Train" / "Normal"
+    src = sorted((lung_normal / "images").iterdir())[0]
+    for sub in ("images", LUNG_MASKS_DIR):
+        (lung_normal / sub / src.name).rename(lung_normal / sub / name)
+    inf_train = inner(synth_copy, "infection") / "Train"
+    src = sorted((inf_train / "COVID-19" / "images").iterdir())[0]
+    for sub in ("images", LUNG_MASKS_DIR, INFECTION_MASKS_DIR):
+        (inf_train / "COVID-19" / sub / src.name).rename(inf_train / "Normal" / sub / name)
+
+    index = scan(synth_copy)
+    moved = {s.subset: s for s in index if s.image.name == name}
+    assert {k: (s.split, s.cls, s.label) for k, s in moved.items()} == {
+        "lung": ("train", "Normal", 2),
+        "infection": ("train", "Normal", 2),
+    }
+    assert index.problems == []
+    counts = index.counts()
+    assert counts["lung/train/Normal"] == counts["lung/train/COVID-19"] == SYNTH_PER_CLASS
+    assert counts["infection/train/Normal"] == SYNTH_PER_CLASS + 1
+    assert counts["infection/train/COVID-19"] == SYNTH_PER_CLASS - 1
+
+    for cls in (LungDataModule, InfectionDataModule):
+        dm = cls(root=synth_copy, image_size=32, num_workers=0)
+        dm.setup("fit")
+        ds = dm.datasets["train"]
+        i = next(i for i, s in enumerate(ds.samples) if s.id == "covid_99")
+        assert (ds.labels[i], ds[i]["label"]) == (2, 2), cls.__name__
+
+    report = inspect_tree(synth_copy, check_pixels=True, workers=1)
+    assert report["counts"] == counts
+    moved_mask = (inf_train / "Normal" / INFECTION_MASKS_DIR / name).relative_to(synth_copy)
+    assert report["problems"] == [
+        {
+            "path": moved_mask.as_posix(),
+            "problem": "infection mask of a Normal image is not empty "
+            "(only COVID-19 images carry infection)",
+        }
+    ]
+
+
 def test_names_with_spaces_and_parentheses_pair(synth_root: Path):
     index = scan(synth_root)
     normal = [s for s in index if s.cls == "Normal"]

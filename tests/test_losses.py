@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,58 @@ def test_jaccard_matches_hand_value() -> None:
     logits = torch.tensor([[[[30.0, -30.0], [30.0, -30.0]]]])  # tp 1, fp 1, fn 1
     assert JaccardLoss("binary", smooth=0.0)(logits, target).item() == pytest.approx(2 / 3)
     assert DiceLoss("binary", smooth=0.0)(logits, target).item() == pytest.approx(0.5)
+
+
+# Two different 2 x 2 images in one batch, with probabilities of 3/4 or 1/4 (logits +-ln 3).
+# Image 1: truth top row, prediction left column; image 2: truth and prediction everywhere.
+TWO_TRUTH = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+TWO_LOGITS = math.log(3.0) * torch.tensor(
+    [[[[1.0, -1.0], [1.0, -1.0]]], [[[1.0, 1.0], [1.0, 1.0]]]]
+)
+# Soft counts pooled over both images: image 1 has tp 1, fp 1, fn 1; image 2 tp 3, fp 0, fn 1.
+POOLED_SOFT_DICE = 1 - 2 * 4 / (2 * 4 + 1 + 2)  # 3/11; per-image Dice averaged would be 9/28
+# BCE: 2 wrong pixels at p = 1/4 and 6 right ones at p = 3/4, averaged over the 8 pixels.
+TWO_BCE = (2 * math.log(4) + 6 * math.log(4 / 3)) / 8
+
+
+def test_binary_losses_of_a_two_image_batch_by_hand() -> None:
+    """Dice pools its soft counts over the batch; BCE averages over every pixel of it."""
+    dice = DiceLoss("binary", smooth=0.0)(TWO_LOGITS, TWO_TRUTH)
+    assert dice.item() == pytest.approx(POOLED_SOFT_DICE, abs=1e-6)
+    assert build("dice", "binary", smooth=0.0)(TWO_LOGITS, TWO_TRUTH).item() == pytest.approx(
+        POOLED_SOFT_DICE, abs=1e-6
+    )
+    assert build("bce", "binary")(TWO_LOGITS, TWO_TRUTH).item() == pytest.approx(TWO_BCE, abs=1e-6)
+    dice_bce = build("dice_bce", "binary", losses={"dice": {"smooth": 0.0}})
+    assert dice_bce(TWO_LOGITS, TWO_TRUTH).item() == pytest.approx(
+        POOLED_SOFT_DICE + TWO_BCE, abs=1e-6
+    )
+    # each image alone: the batch figure is no mean of these
+    alone = [
+        DiceLoss("binary", smooth=0.0)(TWO_LOGITS[i : i + 1], TWO_TRUTH[i : i + 1]) for i in (0, 1)
+    ]
+    assert [v.item() for v in alone] == pytest.approx([1 / 2, 1 / 7], abs=1e-6)
+
+
+def test_multiclass_losses_of_a_two_image_batch_by_hand() -> None:
+    """Soft Dice per class pooled over the batch, then averaged over the classes; CE per pixel.
+
+    Each pixel's predicted class has probability 1/2, the two others 1/4 (logit ln 2 vs 0).
+    Pixels (truth, prediction): image 1 (0,0) (1,1) (1,2) (2,2); image 2 (0,1) (0,0) (1,1) (1,1).
+    """
+    truth = torch.tensor([[[0, 1], [1, 2]], [[0, 0], [1, 1]]])
+    pred = torch.tensor([[[0, 1], [2, 2]], [[1, 0], [1, 1]]])
+    logits = math.log(2.0) * F.one_hot(pred, C).permute(0, 3, 1, 2).float()
+    # pooled soft counts: class 0 tp 5/4 fp 5/4 fn 7/4; class 1 tp 7/4 fp 5/4 fn 9/4;
+    # class 2 tp 1/2 fp 2 fn 1/2
+    dice_per_class = [2.5 / 5.5, 3.5 / 7.0, 1.0 / 3.5]  # 5/11, 1/2, 2/7
+    dice = 1 - sum(dice_per_class) / 3
+    ce = (6 * math.log(2) + 2 * math.log(4)) / 8  # 6 right pixels at 1/2, 2 wrong at 1/4
+    assert DiceLoss("multiclass", smooth=0.0)(logits, truth).item() == pytest.approx(dice, abs=1e-6)
+    assert build("ce", "multiclass")(logits, truth).item() == pytest.approx(ce, abs=1e-6)
+    dice_ce = build("dice_ce", "multiclass", losses={"dice": {"smooth": 0.0}})
+    assert dice_ce(logits, truth).item() == pytest.approx(dice + ce, abs=1e-6)
+    assert dice_ce.last["dice"].item() == pytest.approx(dice, abs=1e-6)
 
 
 def test_dice_classes_selects_channels() -> None:

@@ -125,6 +125,39 @@ def test_threshold_is_honoured() -> None:
     assert float(scores["pred_fraction"][0]) == 0.0
 
 
+# A logit of exactly 0 is a probability of exactly 0.5 (the default threshold); the rule is
+# sigmoid(logit) > threshold, so such a pixel is background. Four pixels of one image: two at
+# logit 0, one just above, one just below.
+AT_THRESHOLD = torch.tensor([[[[0.0, 0.0], [1e-3, -1e-3]]]])
+
+
+def test_probability_exactly_at_the_threshold_is_negative() -> None:
+    assert float(torch.sigmoid(AT_THRESHOLD).flatten()[0]) == 0.5
+    truth = torch.ones(1, 1, 2, 2)
+    metric = SegmentationMetrics(threshold=0.5)
+    metric.update(AT_THRESHOLD, truth)
+    assert metric.tp.tolist() == [1] and metric.fn.tolist() == [3]
+    assert float(metric.compute()["sensitivity"]) == approx(1 / 4)
+    # on an empty truth the two pixels at 0.5 are no false positives
+    empty = SegmentationMetrics(threshold=0.5)
+    empty.update(AT_THRESHOLD, torch.zeros(1, 1, 2, 2))
+    assert empty.fp.tolist() == [1] and empty.tn.tolist() == [3]
+    scores = per_image_scores(AT_THRESHOLD, truth, threshold=0.5)
+    assert float(scores["pred_fraction"][0]) == approx(1 / 4)
+    assert float(scores["sensitivity"][0]) == approx(1 / 4)
+    assert float(scores["dice"][0]) == approx(2 / 5)
+
+
+def test_predicted_masks_leave_a_probability_at_the_threshold_out() -> None:
+    from covidqu.models.segmentation import SegmentationModule
+
+    module = SegmentationModule(net=torch.nn.Identity(), loss=None, metrics=SegmentationMetrics())
+    assert module.threshold == 0.5
+    masks = module.predict_masks(AT_THRESHOLD)
+    assert masks.shape == (1, 2, 2)
+    assert masks.tolist() == [[[0, 0], [1, 0]]]
+
+
 def test_binary_target_without_channel_dim() -> None:
     metric = SegmentationMetrics()
     metric.update(binary_logits(torch.cat([PRED_A, PRED_B])), torch.cat([TRUTH_A, TRUTH_B])[:, 0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -66,6 +67,50 @@ def test_a_2x2_sweep_and_its_report(synth_root, tmp_path):
     assert scores == sorted(scores, reverse=True)
     assert {r["status"] for r in rows} == {"completed"}
     assert all(r["epochs"] == "1" and float(r["duration_s"]) > 0 for r in rows)
+
+
+def _finished_run(folder: Path, lr: str, figures: dict, monitor: str, mode: str) -> None:
+    """A run folder as a training job leaves it: Hydra's config and overrides, metrics.json."""
+    (folder / ".hydra").mkdir(parents=True)
+    config = {"task": {"monitor": monitor, "monitor_mode": mode}, "optimizer": {"lr": float(lr)}}
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"optimizer.lr={lr}"]))
+    metrics = {**figures, "monitor": monitor, "epochs": 3, "duration_s": 10.0}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode", "order"),
+    [("val/loss", "min", ["1", "2", "0", "3"]), ("val/dice", "max", ["0", "2", "1", "3"])],
+)
+def test_report_ranks_runs_by_their_monitor_mode(
+    tmp_path, capsys: pytest.CaptureFixture, monitor: str, mode: str, order: list[str]
+):
+    """A minimised monitor (a loss, an error) ranks the smallest value first."""
+    from covidqu.pipeline.report import find_runs, sort_runs
+
+    out = tmp_path / "sweep"
+    figures = {  # the loss and the Dice disagree, so each mode gives its own order
+        "0": {"val/loss": 0.40, "val/dice": 0.91},
+        "1": {"val/loss": 0.12, "val/dice": 0.55},
+        "2": {"val/loss": 0.25, "val/dice": 0.70},
+    }
+    for job, lr in zip(figures, ("0.1", "0.01", "0.001"), strict=True):
+        _finished_run(out / job, lr, figures[job], monitor, mode)
+    (out / "3" / ".hydra").mkdir(parents=True)  # a job still running: no score, ranked last
+    (out / "3" / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task": {}}))
+
+    assert [r.path.name for r in sort_runs(find_runs(out))] == order
+    assert report_main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    shown = [f"{figures[job][monitor]:.4g}" for job in order[:3]]
+    positions = [printed.index(f" {value} ") for value in shown]
+    assert positions == sorted(positions), (shown, printed)
+    rows = read_csv(out / "report.csv")
+    assert [r["run"] for r in rows] == order
+    assert [r["status"] for r in rows] == ["completed"] * 3 + ["incomplete"]
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == order
 
 
 def test_a_failed_job_does_not_stop_the_sweep(synth_root, tmp_path):

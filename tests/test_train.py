@@ -97,6 +97,73 @@ def test_without_a_best_checkpoint_the_last_weights_are_reported(synth_root, tmp
     assert metrics["val/dice"] == pytest.approx(last_val[-1], abs=1e-6)
 
 
+def _test_figures(ckpt: Path, root: Path) -> dict[str, float]:
+    """Test figures of one checkpoint, scored on its own as ``covidqu.eval`` scores it."""
+    import pytorch_lightning as pl
+
+    from covidqu.models.checkpoint import load_module, preprocessing
+    from covidqu.pipeline.evaluation import datamodule_for
+
+    module = load_module(ckpt)
+    dm = datamodule_for(preprocessing(module), root, batch_size=4, num_workers=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    return trainer.test(module, datamodule=dm, verbose=False)[0]
+
+
+def test_final_figures_come_from_the_best_checkpoint_not_the_last_epoch(synth_root, tmp_path):
+    """metrics.json reports the checkpoint that won the monitor, even when it is an early one.
+
+    Monitoring the validation loss with mode=max makes the best epoch the first one (the loss
+    falls as the network learns), so the best checkpoint and the last weights differ.
+    """
+    cfg = compose_config(
+        "train",
+        tiny(
+            synth_root,
+            "trainer.max_epochs=2",
+            "task.monitor=val/loss",
+            "task.monitor_mode=max",
+            "callbacks.early_stopping=null",
+        ),
+        tmp_path,
+    )
+    value = train(cfg)
+    metrics = read_metrics(tmp_path)
+    assert metrics["monitor"] == "val/loss" and metrics["epochs"] == 2
+    # one row per epoch of fit; the final validation logs again, under epoch 2
+    per_epoch = {
+        int(r["epoch"]): r
+        for r in read_csv(tmp_path / "csv" / "metrics.csv")
+        if r.get("val/loss") and int(r["epoch"]) < 2
+    }
+    assert sorted(per_epoch) == [0, 1]
+    losses = {e: float(r["val/loss"]) for e, r in per_epoch.items()}
+    best_epoch = max(losses, key=losses.get)
+    assert best_epoch == 0, losses  # the construction above: the first epoch wins
+    assert losses[0] > losses[1] + 1e-4, losses
+
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=False)
+    assert best["epoch"] == best_epoch
+    # every validation figure is the winning epoch's, not the last epoch's
+    for key in ("val/loss", "val/dice", "val/iou", "val/sensitivity"):
+        assert metrics[key] == pytest.approx(float(per_epoch[best_epoch][key]), abs=1e-5), key
+    assert metrics["val/loss"] != pytest.approx(losses[1], abs=1e-5)
+    assert value == pytest.approx(losses[best_epoch], abs=1e-5)
+    # and the test figures are those of best.ckpt scored on its own
+    of_best = _test_figures(tmp_path / "checkpoints" / "best.ckpt", synth_root)
+    of_last = _test_figures(tmp_path / "checkpoints" / "last.ckpt", synth_root)
+    assert of_best["test/dice"] != pytest.approx(of_last["test/dice"], abs=1e-4)
+    for key in ("test/dice", "test/iou", "test/loss"):
+        assert metrics[key] == pytest.approx(of_best[key], abs=1e-5), key
+
+
 def test_resume_continues_the_epoch_counter(synth_root, tmp_path):
     first = tmp_path / "first"
     train(compose_config("train", tiny(synth_root, "trainer.max_epochs=1"), first))

@@ -57,6 +57,99 @@ def test_image_and_masks_stay_aligned(name: str):
     assert moved >= 10  # the pipeline really moves things
 
 
+def _pattern_tree(root: Path, subset: str, size: int) -> np.ndarray:
+    """Overwrite the Train split of a synthetic tree: every image is its lung mask drawn white.
+
+    The lung mask is an asymmetric shape (so no flip, shift or rotation maps it onto itself);
+    the infection mask of a COVID-19 image is part of it, those of other classes are empty.
+    Returns the lung mask as stored (0 / 1).
+    """
+    import cv2
+
+    from covidqu.data.layout import INFECTION_MASKS_DIR, LUNG_MASKS_DIR, SUBSET_DIRS
+
+    lung = np.zeros((size, size), np.uint8)
+    lung[6:40, 8:16] = 1  # tall bar, left
+    lung[30:37, 16:42] = 1  # foot, bottom right
+    lung[6:12, 32:38] = 1  # small block, top right
+    infection = np.zeros_like(lung)
+    infection[30:37, 24:42] = 1
+    train = root / SUBSET_DIRS[subset] / SUBSET_DIRS[subset] / "Train"
+    for image in sorted(train.glob("*/images/*.png")):
+        cls_dir = image.parent.parent
+        assert cv2.imwrite(str(image), lung * 255)
+        assert cv2.imwrite(str(cls_dir / LUNG_MASKS_DIR / image.name), lung * 255)
+        if subset == "infection":
+            inf = infection if cls_dir.name == "COVID-19" else np.zeros_like(infection)
+            assert cv2.imwrite(str(cls_dir / INFECTION_MASKS_DIR / image.name), inf * 255)
+    return lung
+
+
+def _iou_of_image_and_mask(x: torch.Tensor, mask: torch.Tensor, mean: float, std: float) -> float:
+    """IoU of a model input's bright part (Otsu threshold on the de-normalised image) and a mask.
+
+    Intensity augmentations (brightness, contrast, gamma, CLAHE, noise, blur) keep the shape
+    bright on a dark ground; linear interpolation of the image against nearest-neighbour masks
+    only blurs the edges: an image moved with its masks scores about 0.9 (0.85 at worst seen).
+    """
+    import cv2
+
+    img = ((x[0].numpy() * std + mean) * 255.0).clip(0, 255).round().astype(np.uint8)
+    thr, _ = cv2.threshold(img, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    bright = img > thr
+    truth = mask.reshape(img.shape).numpy() > 0
+    return float((bright & truth).sum() / max((bright | truth).sum(), 1))
+
+
+@pytest.mark.parametrize(
+    ("subset", "name"), [("lung", "light"), ("lung", "strong"), ("infection", "strong")]
+)
+def test_dataset_and_datamodule_items_keep_image_and_masks_aligned(
+    synth_copy: Path, subset: str, name: str
+):
+    """The real augmentation configs, drawn through the DataModule as training draws them.
+
+    An image moved by one draw and its masks by another (two calls of the pipeline) are off by
+    a shift, rotation or flip, which drops the IoU of the image's bright part with the mask.
+    """
+    from conftest import SYNTH_SIZE
+
+    size = 64
+    lung = _pattern_tree(synth_copy, subset, SYNTH_SIZE)
+    overrides = [
+        f"task={subset}",
+        f"augment={name}",
+        f"data.root={synth_copy}",
+        f"data.image_size={size}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+    ]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    torch.manual_seed(0)  # the dataset seeds its augmentation from torch's seed
+    dm = instantiate(cfg.data)
+    assert len(dm.augment) == len(cfg.augment.train) > 0
+    dm.setup("fit")
+    still = torch.from_numpy(build_transform(size)(image=lung, masks=[lung])["masks"][0])
+
+    items = [dm.datasets["train"][i] for _ in range(4) for i in range(len(dm.datasets["train"]))]
+    for _ in range(3):  # epochs of the training loader: shuffled, batched, collated
+        for batch in dm.train_dataloader():
+            items += [{k: v[j] for k, v in batch.items()} for j in range(len(batch["id"]))]
+    assert len(items) >= 50
+
+    moved = 0
+    for item in items:
+        lung_mask = item["lung"] if subset == "infection" else item["mask"]
+        assert lung_mask.shape == (1, size, size)
+        moved += int(not torch.equal(lung_mask[0].long(), still.long()))
+        iou = _iou_of_image_and_mask(item["image"], lung_mask, dm.mean, dm.std)
+        assert iou > 0.8, (item["id"], name, iou)
+        if subset == "infection":  # the two masks moved together too
+            assert (item["mask"] * (1 - item["lung"])).sum() == 0
+    assert moved >= len(items) // 3  # the pipeline really moves things
+
+
 def test_resize_keeps_masks_binary_and_aligned():
     image, lung, inf = asymmetric_case(64)
     out = build_transform([32, 48])(image=image, masks=[lung, inf])
