@@ -229,9 +229,12 @@ def test_multiclass_losses_of_a_two_image_batch_by_hand() -> None:
     # pooled soft counts: class 0 tp 5/4 fp 5/4 fn 7/4; class 1 tp 7/4 fp 5/4 fn 9/4;
     # class 2 tp 1/2 fp 2 fn 1/2
     dice_per_class = [2.5 / 5.5, 3.5 / 7.0, 1.0 / 3.5]  # 5/11, 1/2, 2/7
-    dice = 1 - sum(dice_per_class) / 3
+    dice = 1 - sum(dice_per_class[1:]) / 2  # the foreground classes, as the metrics
+    dice_all = 1 - sum(dice_per_class) / 3  # with include_background
     ce = (6 * math.log(2) + 2 * math.log(4)) / 8  # 6 right pixels at 1/2, 2 wrong at 1/4
     assert DiceLoss("multiclass", smooth=0.0)(logits, truth).item() == pytest.approx(dice, abs=1e-6)
+    everything = DiceLoss("multiclass", smooth=0.0, include_background=True)
+    assert everything(logits, truth).item() == pytest.approx(dice_all, abs=1e-6)
     assert build("ce", "multiclass")(logits, truth).item() == pytest.approx(ce, abs=1e-6)
     dice_ce = build("dice_ce", "multiclass", losses={"dice": {"smooth": 0.0}})
     assert dice_ce(logits, truth).item() == pytest.approx(dice + ce, abs=1e-6)

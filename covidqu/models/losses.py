@@ -270,7 +270,7 @@ class _OverlapLoss(TverskyLoss):
 
 
 class DiceLoss(_OverlapLoss):
-    """Soft Dice loss ``1 - (2 TP + s) / (2 TP + FP + FN + s)`` (pooled over the batch).
+    """Soft Dice loss ``1 - (2 TP + 2s) / (2 TP + FP + FN + 2s)`` (pooled over the batch).
 
     The Tversky loss with ``alpha = beta = 0.5``; empty masks count as described there: empty
     truth and empty prediction give loss 0, predicted foreground on empty truth is penalised,
