@@ -10,6 +10,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import hydra.utils
 import pytest
+import segmentation_models_pytorch as smp
 import timm
 import torch
 import torchvision
@@ -19,7 +20,6 @@ from torch import nn
 
 from covidqu.models import networks
 from covidqu.models.networks import (
-    ARCHITECTURES,
     WeightsUnavailableError,
     build_classifier,
     build_segmentation_model,
@@ -28,6 +28,11 @@ from covidqu.models.networks import (
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ENCODER_CONFIGS = sorted((CONF / "encoder").glob("*.yaml"))
 MODEL_CONFIGS = sorted((CONF / "model").glob("*.yaml"))
+#: Every segmentation architecture smp has: its registry is the only list of them.
+ARCHITECTURES = list(smp.MODEL_ARCHITECTURES_MAPPING)
+#: The names users type (model=<name>), each a config file in conf/model/.
+MODEL_NAMES = {"unet", "unetplusplus", "fpn", "deeplabv3", "deeplabv3plus", "manet", "linknet"}
+MODEL_NAMES |= {"pspnet", "pan", "upernet", "segformer", "dpt"}
 
 #: A second, different encoder family per architecture, besides resnet18 (dpt: timm encoders).
 SECOND_ENCODER = {
@@ -252,7 +257,7 @@ def test_encoder_configs_are_complete() -> None:
 def test_model_configs_cover_every_architecture() -> None:
     archs = {OmegaConf.load(p).get("arch") for p in MODEL_CONFIGS if OmegaConf.load(p).get("arch")}
     assert archs == set(ARCHITECTURES)
-    assert {"classifier", "convnext", "vit"} <= {p.stem for p in MODEL_CONFIGS}
+    assert MODEL_NAMES | {"classifier", "convnext", "vit"} <= {p.stem for p in MODEL_CONFIGS}
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=[p.stem for p in MODEL_CONFIGS])
