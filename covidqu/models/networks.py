@@ -2,21 +2,22 @@
 
 The configs in ``conf/model/`` instantiate :func:`build_segmentation_model` (``smp.create_model``
 under smp's own architecture names: a new smp architecture needs only a config file, which also
-says what the architecture needs) or :func:`build_classifier` (``timm.create_model``). Both
-return raw logits. Weights (``encoder.weights``) are ``null`` (random init; also ``"none"``,
-``""``); a name (``imagenet``, a timm tag), downloaded by smp / timm, where a failed download
-raises :class:`WeightsUnavailableError` and never falls back to random weights; or a local file.
+says what the architecture needs; all but ``unet`` need image sides divisible by the encoder's
+output stride, 32 for most) or :func:`build_classifier` (``timm.create_model``). Both return raw
+logits. Weights (``encoder.weights``) are ``null`` (random init; also ``"none"``, ``""``); a
+name (``imagenet``, a timm tag), downloaded by smp / timm, where a failed download raises
+:class:`WeightsUnavailableError` and never falls back to random weights; or a local file.
 
 A weights file is a state dict, plain or under ``"state_dict"`` / ``"model"``, read as timm reads
-it and always with ``weights_only=True`` (a file holding Python objects besides tensors is
-refused). timm models (classifiers, ``tu-`` encoders) load it through timm's own
-``pretrained_cfg_overlay=dict(file=...)``, which adapts the first convolution to the input
-channels, resamples ViT position embeddings and drops a head made for another number of classes.
-smp's native encoders can only download, so we load the file into them: wrapper prefixes
-(``module.``, ``model.``, ``encoder.``, ``net.``, ...) are stripped, modules the encoder lacks (a
-head, a decoder) ignored, the first convolution adapted as timm does. Either way every weight but
-the head must be in the file and nothing of the model's own modules left over (a resnet34 file
-does not initialise a resnet18), else a ValueError names the file and the keys.
+it and always with ``weights_only=True`` (a file holding arbitrary Python objects is refused).
+timm models (classifiers, ``tu-`` encoders) load it through timm's own ``pretrained_cfg_overlay=
+dict(file=...)``, which adapts the first convolution to the input channels, resamples ViT
+position embeddings and drops a head made for another number of classes. smp's native encoders
+can only download, so we load the file into them: wrapper prefixes (``module.``, ``model.``,
+``encoder.``, ``net.``, ...) are stripped, modules the encoder lacks (a head, a decoder) ignored,
+the first convolution adapted as timm does. Either way every weight but the head must be in the
+file and nothing of the model's own modules left over (a resnet34 file does not initialise a
+resnet18), else a ValueError names the file and the keys.
 """
 
 from __future__ import annotations
