@@ -443,6 +443,18 @@ def test_encoder_weights_from_file(
     assert torch.equal(net.bn1.running_var, rgb_resnet18["bn1.running_var"])
 
 
+@pytest.mark.parametrize("encoder", ["densenet121", "efficientnet-b0", "mobilenet_v2"])
+def test_native_encoder_weights_round_trip(encoder: str, tmp_path: Path) -> None:
+    """An encoder's own state dict initialises the same encoder, whatever smp overrides."""
+    trained = build_segmentation_model("unet", encoder, None).encoder
+    path = tmp_path / "encoder.pth"
+    torch.save(trained.state_dict(), path)
+
+    loaded = build_segmentation_model("fpn", encoder, path).encoder.state_dict()
+    assert loaded.keys() == trained.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.state_dict().items())
+
+
 def test_classifier_weights_from_file(rgb_resnet18: dict, tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(rgb_resnet18, path)

@@ -455,8 +455,8 @@ def _timm_file(path: Path, what: str, name: str, model_kwargs: dict[str, Any]) -
     heads = twin.pretrained_cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     target = {k: v.shape for k, v in twin.state_dict().items()}
-    body = {k for k in target if k.rpartition(".")[0] not in heads}
-    own = body | {k for k in state if k.rpartition(".")[0] in heads}
+    body = [k for k in target if k.rpartition(".")[0] not in heads]
+    own = {*body, *(k for k in state if k.rpartition(".")[0] in heads)}
     missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     _refuse_misfit(
@@ -499,4 +499,4 @@ def _load_encoder_file(encoder: nn.Module, path: Path, what: str, in_channels: i
     unexpected = [k for k in state if k not in by_name and k.partition(".")[0] in modules]
     problems = {"missing from the file": missing, "unexpected in the file": unexpected}
     _refuse_misfit(path, what, {**problems, "with other shapes": misshaped})
-    encoder.load_state_dict(loaded, strict=False)
+    nn.Module.load_state_dict(encoder, loaded, strict=False)  # past smp's overrides (densenet)
