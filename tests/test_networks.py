@@ -10,6 +10,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import hydra.utils
 import pytest
+import segmentation_models_pytorch as smp
 import timm
 import torch
 import torchvision
@@ -19,15 +20,21 @@ from torch import nn
 
 from covidqu.models import networks
 from covidqu.models.networks import (
-    ARCHITECTURES,
     WeightsUnavailableError,
     build_classifier,
     build_segmentation_model,
 )
 
+from pipeline_helpers import TINY, compose_config
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ENCODER_CONFIGS = sorted((CONF / "encoder").glob("*.yaml"))
 MODEL_CONFIGS = sorted((CONF / "model").glob("*.yaml"))
+#: Every segmentation architecture smp has: its registry is the only list of them.
+ARCHITECTURES = list(smp.MODEL_ARCHITECTURES_MAPPING)
+#: The names users type (model=<name>), each a config file in conf/model/.
+MODEL_NAMES = {"unet", "unetplusplus", "fpn", "deeplabv3", "deeplabv3plus", "manet", "linknet"}
+MODEL_NAMES |= {"pspnet", "pan", "upernet", "segformer", "dpt"}
 
 #: A second, different encoder family per architecture, besides resnet18 (dpt: timm encoders).
 SECOND_ENCODER = {
@@ -252,7 +259,7 @@ def test_encoder_configs_are_complete() -> None:
 def test_model_configs_cover_every_architecture() -> None:
     archs = {OmegaConf.load(p).get("arch") for p in MODEL_CONFIGS if OmegaConf.load(p).get("arch")}
     assert archs == set(ARCHITECTURES)
-    assert {"classifier", "convnext", "vit"} <= {p.stem for p in MODEL_CONFIGS}
+    assert MODEL_NAMES | {"classifier", "convnext", "vit"} <= {p.stem for p in MODEL_CONFIGS}
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=[p.stem for p in MODEL_CONFIGS])
@@ -273,6 +280,70 @@ def test_model_config_instantiates(path: Path) -> None:
     with torch.no_grad():
         out = model(torch.randn(2, 1, size, size))
     assert out.shape == ((2, 2, size, size) if segmentation else (2, 3))
+
+
+class UnetLite(smp.Unet):
+    """Stands for an architecture that a newer smp brings: nothing of ours names it."""
+
+
+def write_config(root: Path, group: str, name: str, text: str) -> str:
+    """A config file in a folder of its own, and the override that adds it to Hydra's path."""
+    (root / group).mkdir(parents=True, exist_ok=True)
+    (root / group / f"{name}.yaml").write_text(text)
+    return f"hydra.searchpath=[file://{root}]"
+
+
+@pytest.mark.parametrize("arch", ["unetlite", "Linknet"])
+def test_a_new_architecture_needs_only_a_config_file(
+    arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(smp.MODEL_ARCHITECTURES_MAPPING, "unetlite", UnetLite)
+    searchpath = write_config(
+        tmp_path / "conf",
+        "model",
+        "newarch",
+        "_target_: covidqu.models.networks.build_segmentation_model\n"
+        f"arch: {arch}\n"
+        "encoder_name: ${encoder.name}\n"
+        "encoder_weights: ${encoder.weights}\n"
+        "in_channels: 1\n"
+        "classes: ${task.num_outputs}\n",
+    )
+    overrides = ["task=infection", "data.target=infection_multiclass", "model=newarch"]
+    cfg = compose_config("train", [*TINY, *overrides, searchpath], tmp_path / "run")
+
+    net = hydra.utils.instantiate(cfg.model).eval()
+    assert type(net) is smp.MODEL_ARCHITECTURES_MAPPING[arch.lower()]
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 64, 64)).shape == (2, 3, 64, 64)
+
+
+def test_a_new_timm_encoder_needs_only_a_config_file(tmp_path: Path) -> None:
+    """Any timm model is an encoder (tu-) and a classifier, its weights file loaded by timm."""
+    full = timm.create_model("regnetx_002")
+    weights = tmp_path / "regnetx_002.safetensors"
+    save_file(full.state_dict(), weights)
+    searchpath = write_config(
+        tmp_path / "conf",
+        "encoder",
+        "regnet",
+        "name: tu-regnetx_002\nweights: imagenet\ntimm_name: regnetx_002\n",
+    )
+    overrides = [*TINY, "encoder=regnet", f"encoder.weights={weights}", searchpath]
+    stem = gray(full.stem.conv.weight)
+
+    cfg = compose_config("train", [*overrides, "model=fpn"], tmp_path)
+    net = hydra.utils.instantiate(cfg.model).eval()
+    assert torch.equal(net.encoder.model.stem.conv.weight, stem)
+    assert torch.equal(net.encoder.model.s3.b1.conv2.conv.weight, full.s3.b1.conv2.conv.weight)
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+
+    cfg = compose_config("train", [*overrides, "task=classify"], tmp_path)
+    classifier = hydra.utils.instantiate(cfg.model).eval()
+    assert torch.equal(classifier.stem.conv.weight, stem)
+    with torch.no_grad():
+        assert classifier(torch.randn(2, 1, 64, 64)).shape == (2, 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,6 +443,18 @@ def test_encoder_weights_from_file(
     assert torch.equal(net.bn1.running_var, rgb_resnet18["bn1.running_var"])
 
 
+@pytest.mark.parametrize("encoder", ["densenet121", "efficientnet-b0", "mobilenet_v2"])
+def test_native_encoder_weights_round_trip(encoder: str, tmp_path: Path) -> None:
+    """An encoder's own state dict initialises the same encoder, whatever smp overrides."""
+    trained = build_segmentation_model("unet", encoder, None).encoder
+    path = tmp_path / "encoder.pth"
+    torch.save(trained.state_dict(), path)
+
+    loaded = build_segmentation_model("fpn", encoder, path).encoder.state_dict()
+    assert loaded.keys() == trained.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.state_dict().items())
+
+
 def test_classifier_weights_from_file(rgb_resnet18: dict, tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(rgb_resnet18, path)
@@ -435,12 +518,31 @@ def test_mismatching_weights_file_is_refused(make, pattern: str, tmp_path: Path)
     torch.save(make(), path)
     for build in (
         lambda: build_segmentation_model("unet", "resnet18", str(path)),
+        lambda: build_segmentation_model("unet", "tu-resnet18", str(path)),
         lambda: build_classifier("resnet18", str(path)),
     ):
         with pytest.raises(ValueError, match=pattern) as err:
             build()
         assert str(path) in str(err.value)
         assert "must hold the weights of the same" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda p: build_segmentation_model("unet", "resnet18", p),
+        lambda p: build_segmentation_model("unet", "tu-resnet18", p),
+        lambda p: build_classifier("resnet18", p),
+    ],
+    ids=["encoder", "timm-encoder", "classifier"],
+)
+def test_file_with_python_objects_is_refused(build, rgb_resnet18: dict, tmp_path: Path) -> None:
+    """Weights load with weights_only=True: unpickling anything else could run code."""
+    path = tmp_path / "trusted.ckpt"
+    torch.save({"state_dict": rgb_resnet18, "data_dir": Path("/data")}, path)
+    with pytest.raises(ValueError, match=r"Python objects.*net\.state_dict\(\)") as err:
+        build(path)
+    assert f"encoder.weights={path}" in str(err.value)
 
 
 def test_file_without_a_state_dict_is_refused(tmp_path: Path) -> None:

@@ -1,56 +1,32 @@
 """Network builders: segmentation networks (segmentation-models-pytorch) and classifiers (timm).
 
-The configs in ``conf/model/`` instantiate :func:`build_segmentation_model` or
-:func:`build_classifier`; the LightningModules receive the built network. Both return raw
-logits.
+The configs in ``conf/model/`` instantiate :func:`build_segmentation_model` (``smp.create_model``
+under smp's own architecture names: a new smp architecture needs only a config file, which also
+says what the architecture needs; all but ``unet`` need image sides divisible by the encoder's
+output stride, 32 for most) or :func:`build_classifier` (``timm.create_model``). Both return raw
+logits. Weights (``encoder.weights``) are ``null`` (random init; also ``"none"``, ``""``); a
+name (``imagenet``, a timm tag), downloaded by smp / timm, where a failed download raises
+:class:`WeightsUnavailableError` and never falls back to random weights; or a local file.
 
-Encoder / backbone weights (``encoder.weights`` in the config) come in three forms:
-
-``null`` (also the strings ``"null"``, ``"none"`` and ``""``)
-    random initialisation.
-a weight name, e.g. ``imagenet``
-    downloaded by smp / timm (Hugging Face Hub, or a torch.hub URL for some timm models) into
-    their cache. Where the download fails (no internet, ``HF_HUB_OFFLINE=1``, a hub error, ...)
-    the builders raise :class:`WeightsUnavailableError`; they never fall back to random weights
-    on their own.
-a path to a local file (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ``.safetensors``)
-    a state dict, plain or wrapped under ``"state_dict"`` / ``"model"`` (so Lightning checkpoints
-    work too), with or without the prefixes ``module.``, ``model.``, ``encoder.``, ``net.``,
-    ``backbone.``. A 3-channel first convolution is adapted to a 1-channel network by summing
-    over its input channels (as smp and timm do for pretrained weights), and a ViT position
-    embedding is resampled to the network's patch grid. Classifier-head weights that do not fit
-    (another number of classes) are left at random initialisation. Every other weight of the
-    encoder / classifier must be in the file with its shape, else a ValueError names the file
-    and the keys. For an encoder, the file may hold more than the encoder: whole modules the
-    encoder does not have (the classifier head, a final convolution or norm that a
-    features-only encoder drops, the decoder of a segmentation checkpoint) are ignored; a file
-    of a deeper variant of the same family (resnet34 into resnet18) is still refused.
-
-Architecture constraints found with segmentation-models-pytorch 0.6 (1-channel input):
-
-* Every architecture except ``unet`` needs image sides divisible by its encoder's output stride
-  (32 for most; smp raises a RuntimeError saying how to pad).
-* ``pan`` needs sides of at least 8 x its encoder output stride: 128 px at the default
-  ``encoder_output_stride=16``; ``model.encoder_depth=3`` makes it work from 64 px. Its forward
-  raises a ValueError saying so instead of PyTorch's pooling error.
-* ``dpt`` needs a ``tu-`` (timm) encoder with ``forward_intermediates`` (ViTs such as
-  ``tu-vit_small_patch16_224``; also many timm CNNs). ViTs fixed to one input size get
-  ``dynamic_img_size=True`` unless ``img_size`` or ``dynamic_img_size`` is given, so they run at
-  any size divisible by the patch size.
-* ``unetplusplus`` and ``linknet`` do not support the ``mit_b*`` (SegFormer) encoders.
-* Everything else builds and trains at 64 x 64 px with the smp and ``tu-`` encoders tried
-  (resnet, densenet, efficientnet, mobilenet_v2, convnext, mit_b0).
+A weights file is a state dict, plain or under ``"state_dict"`` / ``"model"``, read as timm reads
+it and always with ``weights_only=True`` (a file holding arbitrary Python objects is refused).
+timm models (classifiers, ``tu-`` encoders) load it through timm's own ``pretrained_cfg_overlay=
+dict(file=...)``, which adapts the first convolution to the input channels, resamples ViT
+position embeddings and drops a head made for another number of classes. smp's native encoders
+can only download, so we load the file into them: wrapper prefixes (``module.``, ``model.``,
+``encoder.``, ``net.``, ...) are stripped, modules the encoder lacks (a head, a decoder) ignored,
+the first convolution adapted as timm does. Either way every weight but the head must be in the
+file and nothing of the model's own modules left over (a resnet34 file does not initialise a
+resnet18), else a ValueError names the file and the keys.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import os
 import pickle
-import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,47 +34,23 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from timm.models import adapt_input_conv, load_state_dict
 from torch import nn
 
-__all__ = [
-    "ARCHITECTURES",
-    "WeightsUnavailableError",
-    "build_classifier",
-    "build_segmentation_model",
-]
-
-#: Segmentation architectures: config name (``model=<name>``) -> segmentation-models-pytorch class.
-ARCHITECTURES: dict[str, str] = {
-    "unet": "Unet",
-    "unetplusplus": "UnetPlusPlus",
-    "fpn": "FPN",
-    "deeplabv3": "DeepLabV3",
-    "deeplabv3plus": "DeepLabV3Plus",
-    "manet": "MAnet",
-    "linknet": "Linknet",
-    "pspnet": "PSPNet",
-    "pan": "PAN",
-    "upernet": "UPerNet",
-    "segformer": "Segformer",
-    "dpt": "DPT",
-}
+__all__ = ["WeightsUnavailableError", "build_classifier", "build_segmentation_model"]
 
 #: The config key through which every config passes the weights.
 WEIGHTS_KEY = "encoder.weights"
+_FIX = f"{WEIGHTS_KEY}=null (random init) or {WEIGHTS_KEY}=/path/to/state_dict.pth (a local file)"
 
 #: Options smp still accepts (with a deprecation warning) outside the class signatures.
 _DEPRECATED_OPTIONS = frozenset({"decoder_use_batchnorm"})
 #: PAN's pyramid attention pools its deepest feature map three times: it needs 8 x 8 of them.
 _PAN_MIN_GRID = 8
-
 _NO_WEIGHTS = frozenset({"", "none", "null"})
 _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-#: Wrappers of a state dict inside a checkpoint file, tried in this order.
-_STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
 #: Leading key prefixes that wrappers add (DataParallel, torch.compile, Lightning, smp, timm).
 _KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.", "net.", "backbone.")
-#: Top-level module names of classifier heads, where a timm config does not name them.
-_HEAD_NAMES = ("fc", "classifier", "head", "head_dist", "last_linear", "_fc")
 #: smp encoder names whose timm classifier has another name (the rest differ by '-' vs '_').
 _SMP_TO_TIMM = {
     "mobilenet_v2": "mobilenetv2_100",
@@ -106,11 +58,8 @@ _SMP_TO_TIMM = {
     "inceptionresnetv2": "inception_resnet_v2",
     "xception": "legacy_xception",
     "senet154": "legacy_senet154",
-    "se_resnet50": "seresnet50",
-    "se_resnet101": "seresnet101",
-    "se_resnet152": "seresnet152",
-    "se_resnext50_32x4d": "seresnext50_32x4d",
-    "se_resnext101_32x4d": "seresnext101_32x4d",
+    **{f"se_resnet{n}": f"seresnet{n}" for n in (50, 101, 152)},
+    **{f"se_resnext{n}_32x4d": f"seresnext{n}_32x4d" for n in (50, 101)},
 }
 
 
@@ -122,11 +71,6 @@ class WeightsUnavailableError(RuntimeError):
     """
 
 
-# --------------------------------------------------------------------------------------------
-# Public builders
-# --------------------------------------------------------------------------------------------
-
-
 def build_segmentation_model(
     arch: str,
     encoder_name: str = "resnet34",
@@ -135,81 +79,58 @@ def build_segmentation_model(
     classes: int = 1,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a segmentation-models-pytorch network that returns raw logits.
+    """Build a segmentation-models-pytorch network; ``net(x)`` maps ``B x in_channels x H x W``
+    to logits ``B x classes x H x W``.
 
     Args:
-        arch: architecture, a key of :data:`ARCHITECTURES` (``model=<arch>``); the smp class
-            name (``UnetPlusPlus``) is accepted too, in any case.
-        encoder_name: any smp encoder (``resnet34``, ``densenet121``, ``efficientnet-b0``,
-            ``mobilenet_v2``, ...) or any timm model as ``tu-<timm name>``; ``encoder.name``.
-        encoder_weights: ``None`` for random initialisation; a weight name the encoder has
-            (``imagenet``; for ``tu-`` encoders any timm pretrained tag, e.g. ``a1_in1k``), to
-            download; or the path of a local state dict file for the encoder. See the module
-            docstring. ``encoder.weights``.
+        arch: an architecture in smp's registry (``smp.create_model``), in any case: ``unet``,
+            ``UnetPlusPlus``, ``fpn``, ...; ``model.arch``.
+        encoder_name: any smp encoder (``resnet34``, ``efficientnet-b0``, ...) or any timm model
+            as ``tu-<timm name>``; ``encoder.name``.
+        encoder_weights: ``None``, a weight name the encoder has (``imagenet``; for ``tu-``
+            encoders any timm pretrained tag) or a file path (module docstring);
+            ``encoder.weights``.
         in_channels: input channels; 1 for chest X-rays.
         classes: output channels (``task.num_outputs``).
-        **kwargs: passed on to the smp class: decoder options (``decoder_channels``,
-            ``decoder_attention_type``, ``encoder_depth``, ...) and, for ``tu-`` encoders, extra
-            ``timm.create_model`` arguments (``img_size``, ``drop_path_rate``, ...). Options the
-            smp class would silently ignore are refused, and so is an output ``activation``.
-            ``aux_params`` adds smp's classification head: the network then returns
-            ``(masks, labels)``.
+        **kwargs: passed on to smp: decoder options (``decoder_channels``, ``encoder_depth``,
+            ...; ``aux_params`` adds smp's classification head, the network then returns
+            ``(masks, labels)``) and, for ``tu-`` encoders, ``timm.create_model`` arguments
+            (``img_size``, ...). Options smp would silently ignore are refused, and so is an
+            output ``activation``.
 
-    Returns:
-        The network; ``net(x)`` maps ``B x in_channels x H x W`` to ``B x classes x H x W``.
-
-    Raises:
-        ValueError: unknown architecture, encoder or weight name; a combination that cannot
-            work; a weights file that does not fit the encoder.
-        FileNotFoundError: ``encoder_weights`` names a file that does not exist.
-        WeightsUnavailableError: named weights could not be downloaded.
+    Raises ValueError (an unknown name, a combination that cannot work, a weights file that does
+    not fit), FileNotFoundError (no such weights file) or :class:`WeightsUnavailableError`.
     """
     key, model_cls = _resolve_arch(arch)
     encoder_name = _check_encoder_name(encoder_name)
     kwargs = {name: _plain(value) for name, value in kwargs.items()}
+    _check_options(key, model_cls, encoder_name, kwargs)
+    auto = _dpt_kwargs(key, encoder_name, kwargs) if issubclass(model_cls, smp.DPT) else {}
     what = f"the encoder of model={key} (encoder.name={encoder_name})"
     source, value = _parse_weights(encoder_weights)
-
-    smp_weights: str | bool | None = None
+    weights: str | bool | None = None
     if source == "named":
-        encoder_name, smp_weights = _smp_weights(encoder_name, value)
-    elif source == "file":
-        value = _existing_file(value)
+        encoder_name, weights = _smp_weights(encoder_name, value)
+    elif source == "file" and encoder_name.startswith("tu-"):
+        timm_kwargs = {k: v for k, v in kwargs.items() if k not in _options(model_cls)}
+        model_kwargs = dict(in_chans=in_channels, num_classes=0, **timm_kwargs)
+        kwargs["pretrained_cfg_overlay"] = _timm_file(value, what, encoder_name[3:], model_kwargs)
+        weights = True
 
-    _check_options(key, model_cls, encoder_name, kwargs)
-    auto_kwargs: dict[str, Any] = {}
-    if key == "dpt":
-        if not encoder_name.startswith("tu-"):
-            raise ValueError(
-                f"model=dpt needs a timm encoder through the tu- prefix, such as a ViT "
-                f"(e.g. encoder=timm encoder.name=tu-vit_small_patch16_224 "
-                f"encoder.timm_name=vit_small_patch16_224); got encoder.name={encoder_name}."
-            )
-        auto_kwargs = _dpt_size_kwargs(encoder_name[3:], kwargs)
-
-    def build(weights: str | bool | None, extra: dict[str, Any]) -> nn.Module:
-        return model_cls(
-            encoder_name=encoder_name,
-            encoder_weights=weights,
-            in_channels=in_channels,
-            classes=classes,
-            **kwargs,
-            **extra,
-        )
+    def build(weights: str | bool | None) -> nn.Module:
+        args = dict(encoder_name=encoder_name, encoder_weights=weights, in_channels=in_channels)
+        try:
+            return smp.create_model(key, classes=classes, **args, **kwargs, **auto)
+        except TypeError as err:  # a fixed-size timm model without dynamic_img_size
+            if not auto or "dynamic_img_size" not in str(err):
+                raise
+            return smp.create_model(key, classes=classes, **args, **kwargs)
 
     context = f"model={key} with encoder.name={encoder_name}"
-    model = _build(build, smp_weights, auto_kwargs, context, what, encoder_weights)
-
-    if source == "file":
-        _load_weights_file(
-            model.encoder,
-            value,
-            what=what,
-            in_channels=in_channels,
-            ignore_extra_modules=True,
-            head_names=tuple(dict.fromkeys(_timm_head_names(model.encoder) + _HEAD_NAMES)),
-        )
-    if key == "pan":
+    model = _build(build, weights, context, _weights_error(source, value, what))
+    if source == "file" and weights is None:
+        _load_encoder_file(model.encoder, value, what, in_channels)
+    if issubclass(model_cls, smp.PAN):
         model.register_forward_pre_hook(_check_pan_input_size)
     return model
 
@@ -221,88 +142,57 @@ def build_classifier(
     num_classes: int = 3,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a timm image classifier that returns raw logits.
+    """Build a timm image classifier; ``net(x)`` maps ``B x in_chans x H x W`` to logits
+    ``B x num_classes``.
 
     Args:
-        name: a timm model name (``resnet18``, ``convnext_tiny``, ``vit_small_patch16_224``,
-            optionally with a pretrained tag, ``resnet50.a1_in1k``); smp encoder names are
-            translated (``efficientnet-b0`` -> ``efficientnet_b0``, ``mobilenet_v2`` ->
-            ``mobilenetv2_100``, ``tu-<timm name>`` -> ``<timm name>``) so that every encoder
-            config works with ``task=classify``. ``model.name``.
-        weights: ``None`` for random initialisation; ``imagenet`` (timm's default pretrained
-            weights of the model) or another timm pretrained tag, to download; or the path of
-            a local state dict file for the model. See the module docstring.
-            ``encoder.weights``.
+        name: a timm model name (``resnet18``, ``convnext_tiny``, ``resnet50.a1_in1k``, ...);
+            smp encoder names are translated (``efficientnet-b0`` -> ``efficientnet_b0``,
+            ``mobilenet_v2`` -> ``mobilenetv2_100``, ``tu-<timm name>`` -> ``<timm name>``) so
+            that every encoder config works with ``task=classify``. ``model.name``.
+        weights: ``None``, ``imagenet`` (timm's default pretrained weights) or another timm
+            pretrained tag, or a file path (module docstring); ``encoder.weights``.
         in_chans: input channels; 1 for chest X-rays.
         num_classes: output logits; 3 for COVID-19 / Non-COVID / Normal.
-        **kwargs: passed on to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``,
-            ``img_size`` for ViTs, ...).
+        **kwargs: passed on to ``timm.create_model`` (``drop_rate``, ``img_size``, ...).
 
-    Returns:
-        The network; ``net(x)`` maps ``B x in_chans x H x W`` to ``B x num_classes``.
-
-    Raises:
-        ValueError: unknown model or weight name; a weights file that does not fit.
-        FileNotFoundError: ``weights`` names a file that does not exist.
-        WeightsUnavailableError: named weights could not be downloaded.
+    Raises ValueError (an unknown name, a weights file that does not fit), FileNotFoundError (no
+    such weights file) or :class:`WeightsUnavailableError`.
     """
     timm_name = _resolve_timm_name(name)
     kwargs = {key: _plain(value) for key, value in kwargs.items()}
     what = f"timm model '{timm_name}' (model.name={name})"
     source, value = _parse_weights(weights)
-
-    pretrained = False
+    pretrained = None
     if source == "named":
-        timm_name = _timm_pretrained_name(timm_name, value)
-        pretrained = True
+        timm_name, pretrained = _timm_pretrained_name(timm_name, value), True
     elif source == "file":
-        value = _existing_file(value)
+        model_kwargs = dict(in_chans=in_chans, num_classes=num_classes, **kwargs)
+        kwargs["pretrained_cfg_overlay"] = _timm_file(value, what, timm_name, model_kwargs)
+        pretrained = True
 
-    def build(use_weights: bool, extra: dict[str, Any]) -> nn.Module:
+    def build(use: bool | None) -> nn.Module:
         return timm.create_model(
-            timm_name,
-            pretrained=use_weights,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            **kwargs,
-            **extra,
+            timm_name, pretrained=bool(use), in_chans=in_chans, num_classes=num_classes, **kwargs
         )
 
-    model = _build(build, pretrained or None, {}, f"model.name={name}", what, weights)
-
-    if source == "file":
-        _load_weights_file(
-            model,
-            value,
-            what=what,
-            in_channels=in_chans,
-            ignore_extra_modules=False,
-            head_names=_timm_head_names(model),
-        )
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# Names
-# --------------------------------------------------------------------------------------------
+    return _build(build, pretrained, f"model.name={name}", _weights_error(source, value, what))
 
 
 def _resolve_arch(arch: str) -> tuple[str, type[nn.Module]]:
-    """The config name and smp class of an architecture given by config or class name."""
-    text = str(arch).strip().lower()
-    by_class = {cls.lower(): key for key, cls in ARCHITECTURES.items()}
-    key = text if text in ARCHITECTURES else by_class.get(text)
-    if key is None:
+    """smp's name and class of an architecture, from smp's own registry."""
+    registry: Mapping[str, type[nn.Module]] = smp.MODEL_ARCHITECTURES_MAPPING
+    key = str(arch).strip().lower()
+    if key not in registry:
         raise ValueError(
-            f"model={arch} is not a known segmentation architecture. Valid choices: "
-            f"{', '.join(ARCHITECTURES)} (or the segmentation-models-pytorch class names "
-            f"{', '.join(ARCHITECTURES.values())})."
+            f"model={arch} is not a segmentation-models-pytorch architecture."
+            f"{_close(key, list(registry))} Valid choices: {', '.join(registry)} (in any case)."
         )
-    return key, getattr(smp, ARCHITECTURES[key])
+    return key, registry[key]
 
 
-def _close(word: str, choices: list[str], n: int = 5) -> str:
-    matches = difflib.get_close_matches(word, choices, n=n, cutoff=0.6)
+def _close(word: str, choices: list[str]) -> str:
+    matches = difflib.get_close_matches(word, choices, n=5, cutoff=0.6)
     return f" Did you mean: {', '.join(matches)}?" if matches else ""
 
 
@@ -311,28 +201,20 @@ def _check_encoder_name(encoder_name: str) -> str:
     if not isinstance(encoder_name, str) or not encoder_name.strip():
         raise ValueError(f"encoder.name must be a non-empty string, got {encoder_name!r}.")
     name = encoder_name.strip()
+    any_timm = "any timm model through the tu- prefix (see timm.list_models('pattern*'))"
     if name.startswith("tu-"):
-        base = name[3:]
-        if not timm.is_model(base):
-            raise ValueError(
-                f"encoder.name={name}: '{base}' is not a timm model."
-                f"{_close(base, timm.list_models())} Any timm model works as tu-<timm name>; "
-                f"find names with timm.list_models('pattern*')."
-            )
-        return name
+        if timm.is_model(name[3:]):
+            return name
+        close = _close(name[3:], timm.list_models())
+        raise ValueError(f"encoder.name={name}: not a timm model.{close} Use {any_timm}.")
     known = smp.encoders.get_encoder_names()
-    converts = getattr(smp.encoders, "is_equivalent_to_timm_universal", lambda _: False)
-    if name in known or converts(name):
+    if name in known or smp.encoders.is_equivalent_to_timm_universal(name):
         return name
-    hint = ""
-    for guess in (name, name.replace("-", "_")):
-        if timm.is_model(guess):
-            hint = f" '{guess}' is a timm model: use encoder.name=tu-{guess}."
-            break
+    guess = next((g for g in (name, name.replace("-", "_")) if timm.is_model(g)), None)
+    hint = f" '{guess}' is a timm model: use encoder.name=tu-{guess}." if guess else ""
     raise ValueError(
         f"encoder.name={name} is not a segmentation-models-pytorch encoder.{_close(name, known)}"
-        f"{hint} Valid choices: {', '.join(known)}; and any timm model through the tu- prefix "
-        f"(encoder.name=tu-<timm name>, see timm.list_models('pattern*'))."
+        f"{hint} Valid choices: {', '.join(known)}; and {any_timm}."
     )
 
 
@@ -340,195 +222,58 @@ def _resolve_timm_name(name: str) -> str:
     """The timm model name for a timm name, an smp encoder name or a ``tu-`` name."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model.name must be a non-empty string, got {name!r}.")
-    text = name.strip()
-    candidates = [text]
-    base = text[3:] if text.startswith("tu-") else text
-    if base.startswith("timm-"):
-        plain = base[len("timm-") :].replace("-", "_")
-        candidates += [plain, f"tf_{plain}"]
-    candidates += [base, _SMP_TO_TIMM.get(base, base), base.replace("-", "_")]
-    for candidate in candidates:
-        if timm.is_model(candidate):
-            return candidate
-    raise ValueError(
-        f"model.name={name} is not a timm model (nor an smp encoder name with a timm "
-        f"counterpart).{_close(base.replace('-', '_'), timm.list_models())} "
-        f"Find timm names with timm.list_models('pattern*'), e.g. timm.list_models('*convnext*')."
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Weights: which kind, named weights, downloads
-# --------------------------------------------------------------------------------------------
-
-
-def _parse_weights(weights: Any) -> tuple[str, Any]:
-    """Classify a weights setting: ``("none", None)``, ``("named", str)``, ``("file", Path)``."""
-    if weights is None or weights is False:
-        return "none", None
-    if weights is True:
-        return "named", "imagenet"
-    if isinstance(weights, os.PathLike):
-        return "file", Path(weights).expanduser()
-    if not isinstance(weights, str):
+    base = name.strip().removeprefix("tu-")
+    plain = base.removeprefix("timm-").replace("-", "_")
+    candidates = [name.strip(), base, _SMP_TO_TIMM.get(base, base), plain, f"tf_{plain}"]
+    found = next((c for c in candidates if timm.is_model(c)), None)
+    if found is None:
         raise ValueError(
-            f"{WEIGHTS_KEY} must be null, a weight name such as imagenet, or a file path; "
-            f"got {weights!r}."
+            f"model.name={name} is not a timm model (nor an smp encoder name with a timm "
+            f"counterpart).{_close(plain, timm.list_models())} Find timm names with "
+            f"timm.list_models('pattern*'), e.g. timm.list_models('*convnext*')."
         )
-    text = weights.strip()
-    if text.lower() in _NO_WEIGHTS:
-        return "none", None
-    path = Path(text).expanduser()
-    looks_like_path = (
-        "/" in text
-        or os.sep in text
-        or (os.altsep is not None and os.altsep in text)
-        or text.startswith("~")
-        or text.lower().endswith(_WEIGHT_FILE_SUFFIXES)
-    )
-    if looks_like_path or path.is_file():
-        return "file", path
-    return "named", text
+    return found
 
 
-def _existing_file(path: Path) -> Path:
-    if not path.is_file():
-        state = "is a directory" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"{WEIGHTS_KEY}={path}: the weights file {state}. Point {WEIGHTS_KEY} at a state dict "
-            f"file (.pth, .pt, .bin, .ckpt or .safetensors), or use {WEIGHTS_KEY}=imagenet "
-            f"(download) or {WEIGHTS_KEY}=null (random init)."
-        )
-    return path
+def _options(model_cls: type[nn.Module]) -> set[str]:
+    """The named options of an smp class (the rest of its kwargs go to a timm encoder)."""
+    params = inspect.signature(model_cls.__init__).parameters
+    return {name for name, p in params.items() if p.kind is not p.VAR_KEYWORD}
 
 
-def _smp_weights(encoder_name: str, weights: str) -> tuple[str, str | bool]:
-    """Encoder name and the ``encoder_weights`` argument smp wants for named weights."""
-    if encoder_name.startswith("tu-"):
-        return "tu-" + _timm_pretrained_name(encoder_name[3:], weights), True
-    try:
-        settings = smp.encoders.encoders[encoder_name]["pretrained_settings"]
-    except KeyError:  # timm- names that smp converts to tu- itself
-        return encoder_name, True
-    if weights not in settings:
-        raise ValueError(
-            f"{WEIGHTS_KEY}={weights}: encoder '{encoder_name}' has no such pretrained weights. "
-            f"Available: {', '.join(settings) or 'none'}; or {WEIGHTS_KEY}=null (random init) or "
-            f"{WEIGHTS_KEY}=/path/to/state_dict.pth (a local file)."
-        )
-    return encoder_name, weights
-
-
-def _timm_pretrained_name(timm_name: str, weights: str) -> str:
-    """The timm name to create with ``pretrained=True`` for ``imagenet`` or a pretrained tag."""
-    base, _, tag = timm_name.partition(".")
-    if weights.lower() != "imagenet":
-        if tag and tag != weights:
-            raise ValueError(
-                f"{WEIGHTS_KEY}={weights} conflicts with the pretrained tag in '{timm_name}'; "
-                f"use {WEIGHTS_KEY}=imagenet to take the tag from the name."
-            )
-        tag = weights
-    full = f"{base}.{tag}" if tag else base
-    if tag and full not in timm.list_pretrained(full):
-        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{base}.*")]
-        raise ValueError(
-            f"{WEIGHTS_KEY}={weights}: timm model '{base}' has no pretrained weights '{tag}'. "
-            f"Available tags: {', '.join(tags) or 'none'} (or {WEIGHTS_KEY}=imagenet for the "
-            f"default, {WEIGHTS_KEY}=null for random init)."
-        )
-    if not tag and not timm.models.is_model_pretrained(base):
-        raise ValueError(
-            f"{WEIGHTS_KEY}=imagenet: timm model '{base}' has no pretrained weights. Use "
-            f"{WEIGHTS_KEY}=null (random init) or {WEIGHTS_KEY}=/path/to/state_dict.pth."
-        )
-    return full
-
-
-def _build(
-    build: Any,
-    weights: Any,
-    extra: dict[str, Any],
-    context: str,
-    what: str,
-    asked: Any,
-) -> nn.Module:
-    """Run ``build(weights, extra)``, telling a failed download from a bad configuration.
-
-    A build with weights that fails is retried without them: where that works, the weights were
-    the problem (:class:`WeightsUnavailableError`); otherwise the configuration was.
-    """
-    if weights is None:
-        return _build_config(build, None, extra, context)
-    try:
-        return _call_build(build, weights, extra)
-    except Exception as err:
-        download_error = err
-    _build_config(build, None, extra, context)  # raises the configuration error, if any
-    raise WeightsUnavailableError(
-        f"Pretrained weights {WEIGHTS_KEY}={asked} for {what} could not be downloaded or loaded "
-        f"({type(download_error).__name__}: {download_error}). Without internet access (set "
-        f"HF_HUB_OFFLINE=1 to fail fast), use {WEIGHTS_KEY}=null for random initialisation, or "
-        f"{WEIGHTS_KEY}=/path/to/state_dict.pth to load a local file (e.g. one downloaded on a "
-        f"machine with internet access)."
-    ) from download_error
-
-
-def _call_build(build: Any, weights: Any, extra: dict[str, Any]) -> nn.Module:
-    try:
-        return build(weights, extra)
-    except TypeError as err:
-        # An automatic option (dynamic_img_size) that this timm model does not take.
-        if extra and any(name in str(err) for name in extra):
-            return build(weights, {})
-        raise
-
-
-def _build_config(build: Any, weights: Any, extra: dict[str, Any], context: str) -> nn.Module:
-    """Build, turning the errors smp / timm raise for bad options into ValueErrors with keys."""
-    try:
-        return _call_build(build, weights, extra)
-    except (ValueError, KeyError, TypeError, AssertionError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        raise ValueError(
-            f"{context} cannot be built: {message} (check the model.* options of the config)"
-        ) from err
-
-
-def _check_options(
-    key: str, model_cls: type[nn.Module], encoder_name: str, kwargs: Mapping[str, Any]
-) -> None:
+def _check_options(key: str, model_cls: type, encoder_name: str, kwargs: Mapping) -> None:
     """Refuse options that smp would silently drop (only ``tu-`` encoders take extra ones), and
     an output activation: the losses and metrics expect raw logits."""
     if kwargs.get("activation") not in (None, "identity"):
         raise ValueError(
             f"model={key}: model.activation={kwargs['activation']} is not supported: the networks "
-            f"return raw logits and the losses / metrics apply sigmoid or softmax themselves. "
+            f"return raw logits, the losses / metrics apply sigmoid or softmax themselves. "
             f"Remove model.activation."
         )
-    if encoder_name.startswith("tu-"):
-        return  # timm refuses unknown ones itself
-    params = inspect.signature(model_cls.__init__).parameters
-    known = {name for name, p in params.items() if p.kind is not p.VAR_KEYWORD}
-    known |= _DEPRECATED_OPTIONS
-    unknown = [name for name in kwargs if name not in known and not name.startswith("_")]
-    if unknown:
-        options = sorted(
-            known - {"self", "encoder_name", "encoder_weights", "in_channels", "classes"}
-        )
+    known = _options(model_cls) | _DEPRECATED_OPTIONS
+    unknown = [n for n in kwargs if n not in known and not n.startswith("_")]
+    if unknown and not encoder_name.startswith("tu-"):  # timm refuses unknown ones itself
+        options = known - {"self", "encoder_name", "encoder_weights", "in_channels", "classes"}
         raise ValueError(
             f"model={key}: unknown option(s) {', '.join(f'model.{n}' for n in unknown)} for "
             f"{model_cls.__name__} with encoder.name={encoder_name}. Options: "
-            f"{', '.join(options)}. (Extra options reach the encoder only for timm encoders, "
-            f"encoder.name=tu-<name>.)"
+            f"{', '.join(sorted(options))}. (Extra options reach the encoder only for timm "
+            f"encoders, encoder.name=tu-<name>.)"
         )
 
 
-def _dpt_size_kwargs(timm_name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``dynamic_img_size=True`` for a ViT fixed to its training size, unless sizes are given."""
+def _dpt_kwargs(key: str, encoder_name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """DPT takes timm encoders only; a ViT fixed to its training size gets
+    ``dynamic_img_size=True`` unless sizes are given, to run at any multiple of its patch."""
+    if not encoder_name.startswith("tu-"):
+        raise ValueError(
+            f"model={key} needs a timm encoder through the tu- prefix, such as a ViT "
+            f"(e.g. encoder=timm encoder.name=tu-vit_small_patch16_224 "
+            f"encoder.timm_name=vit_small_patch16_224); got encoder.name={encoder_name}."
+        )
     if "img_size" in kwargs or "dynamic_img_size" in kwargs:
         return {}
-    cfg = timm.get_pretrained_cfg(timm_name)
+    cfg = timm.get_pretrained_cfg(encoder_name[3:])
     return {"dynamic_img_size": True} if cfg is not None and cfg.fixed_input_size else {}
 
 
@@ -554,262 +299,204 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------------------------
-# Weights: local files
-# --------------------------------------------------------------------------------------------
+def _parse_weights(weights: Any) -> tuple[str, Any]:
+    """``("none", None)``, ``("named", str)`` or ``("file", Path)``; a file must exist."""
+    if weights is None or weights is False:
+        return "none", None
+    if weights is True:
+        return "named", "imagenet"
+    if not isinstance(weights, str | os.PathLike):
+        raise ValueError(f"{WEIGHTS_KEY} must be null, a weight name or a path; got {weights!r}.")
+    text = os.fspath(weights).strip()
+    path = Path(text).expanduser()
+    if isinstance(weights, str) and not path.is_file():
+        if text.lower() in _NO_WEIGHTS:
+            return "none", None
+        if not any(c in text for c in "/\\~") and not text.lower().endswith(_WEIGHT_FILE_SUFFIXES):
+            return "named", text
+    if not path.is_file():
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"{WEIGHTS_KEY}={path}: the weights file {state}. Point {WEIGHTS_KEY} at a state dict "
+            f"file (.pth, .pt, .bin, .ckpt or .safetensors), or use {WEIGHTS_KEY}=imagenet "
+            f"(download) or {WEIGHTS_KEY}=null (random init)."
+        )
+    return "file", path
+
+
+def _smp_weights(encoder_name: str, weights: str) -> tuple[str, str | bool]:
+    """Encoder name and the ``encoder_weights`` argument smp wants for named weights."""
+    if encoder_name.startswith("tu-"):
+        return "tu-" + _timm_pretrained_name(encoder_name[3:], weights), True
+    try:
+        settings = smp.encoders.encoders[encoder_name]["pretrained_settings"]
+    except KeyError:  # timm- names that smp converts to tu- itself
+        return encoder_name, True
+    if weights not in settings:
+        raise ValueError(
+            f"{WEIGHTS_KEY}={weights}: encoder '{encoder_name}' has no such pretrained weights. "
+            f"Available: {', '.join(settings) or 'none'}; or {_FIX}."
+        )
+    return encoder_name, weights
+
+
+def _timm_pretrained_name(timm_name: str, weights: str) -> str:
+    """The timm name to create with ``pretrained=True`` for ``imagenet`` or a pretrained tag."""
+    base, _, tag = timm_name.partition(".")
+    if weights.lower() != "imagenet":
+        if tag and tag != weights:
+            raise ValueError(
+                f"{WEIGHTS_KEY}={weights} conflicts with the pretrained tag in '{timm_name}'; "
+                f"use {WEIGHTS_KEY}=imagenet to take the tag from the name."
+            )
+        tag = weights
+    full = f"{base}.{tag}" if tag else base
+    if tag and full not in timm.list_pretrained(full):
+        tags = ", ".join(n.partition(".")[2] for n in timm.list_pretrained(f"{base}.*"))
+        raise ValueError(
+            f"{WEIGHTS_KEY}={weights}: timm model '{base}' has no pretrained weights '{tag}'. "
+            f"Available tags: {tags or 'none'}; or {WEIGHTS_KEY}=imagenet (the default), {_FIX}."
+        )
+    if not tag and not timm.models.is_model_pretrained(base):
+        raise ValueError(f"{WEIGHTS_KEY}=imagenet: '{base}' has no pretrained weights. Use {_FIX}.")
+    return full
+
+
+def _build(build: Callable, weights: Any, context: str, weights_error: Callable) -> nn.Module:
+    """Run ``build(weights)``; where that fails but a build without weights works, the weights
+    were the problem (``weights_error``), otherwise the configuration (a ValueError naming it)."""
+    failure = None
+    if weights is not None:
+        try:
+            return build(weights)
+        except Exception as err:
+            failure = err
+    try:
+        model = build(None)
+    except (ValueError, KeyError, TypeError, AssertionError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ValueError(
+            f"{context} cannot be built: {message} (check the model.* options)"
+        ) from err
+    if failure is not None:
+        raise weights_error(failure) from failure
+    return model
+
+
+def _weights_error(source: str, asked: Any, what: str) -> Callable[[Exception], Exception]:
+    """The error for named weights that failed to download, or a file that failed to load."""
+    if source == "file":
+        return lambda err: _misfit(asked, what, [f"{type(err).__name__}: {err}"])
+    return lambda err: WeightsUnavailableError(
+        f"Pretrained weights {WEIGHTS_KEY}={asked} for {what} could not be downloaded or loaded "
+        f"({type(err).__name__}: {err}). Without internet access (set HF_HUB_OFFLINE=1 to fail "
+        f"fast), use {_FIX}, e.g. one downloaded on a machine with internet access."
+    )
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a state dict file, unwrapped from a checkpoint if need be."""
+    """The tensors of a weights file, read by timm (``weights_only=True``, safetensors too)."""
     try:
-        if path.name.lower().endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                # A checkpoint with Python objects besides tensors (e.g. Lightning's
-                # hyper-parameters); the user named this file, so trust it.
-                warnings.warn(
-                    f"{WEIGHTS_KEY}={path}: the file holds Python objects besides tensors; "
-                    f"loading it with weights_only=False.",
-                    stacklevel=3,
-                )
-                obj = torch.load(path, map_location="cpu", weights_only=False)
-    except ImportError as err:
-        raise ValueError(f"{WEIGHTS_KEY}={path}: reading it needs a package: {err}") from err
+        state = load_state_dict(str(path), weights_only=True)
     except Exception as err:
+        if pickle.UnpicklingError not in (type(err), type(err.__cause__)):
+            raise ValueError(f"{WEIGHTS_KEY}={path}: cannot read a state dict: {err}") from err
         raise ValueError(
-            f"{WEIGHTS_KEY}={path}: cannot read the file as a PyTorch or safetensors state dict "
-            f"({type(err).__name__}: {err})."
+            f"{WEIGHTS_KEY}={path}: the file holds Python objects besides tensors, and weights "
+            f"files load with weights_only=True only (unpickling objects could run code). Save "
+            f"the weights alone instead: torch.save(net.state_dict(), path)."
         ) from err
-
-    for _ in range(4):
-        if isinstance(obj, nn.Module):
-            obj = obj.state_dict()
-        if not isinstance(obj, Mapping):
-            break
-        inner = next(
-            (obj[k] for k in _STATE_DICT_WRAPPERS if isinstance(obj.get(k), Mapping | nn.Module)),
-            None,
-        )
-        if inner is None:
-            break
-        obj = inner
-    tensors = (
-        {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if isinstance(obj, Mapping)
-        else {}
-    )
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ValueError(
-            f"{WEIGHTS_KEY}={path}: the file holds no state dict (a mapping of parameter names "
-            f"to tensors, plain or under 'state_dict' / 'model'); found {type(obj).__name__}."
+            f"{WEIGHTS_KEY}={path}: the file holds no state dict (parameter names mapped to "
+            f"tensors, plain or under 'state_dict' / 'model')."
         )
     return tensors
 
 
+def _misfit(path: Path, what: str, problems: list[str]) -> ValueError:
+    return ValueError(
+        f"{WEIGHTS_KEY}={path} does not fit {what}: {'; '.join(problems)}. The file must hold the "
+        f"weights of the same encoder / model (e.g. saved with torch.save(net.state_dict(), path) "
+        f"from a network built with the same name); or use {WEIGHTS_KEY}=imagenet or null."
+    )
+
+
+def _refuse_misfit(path: Path, what: str, problems: Mapping[str, list[str]]) -> None:
+    """Raise naming up to five keys of each problem (``{"missing from the file": keys}``)."""
+    found = [
+        f"{len(keys)} keys {label} ({', '.join(keys[:5])}{', ...' * (len(keys) > 5)})"
+        for label, keys in problems.items()
+        if keys
+    ]
+    if found:
+        raise _misfit(path, what, found)
+
+
+def _timm_file(path: Path, what: str, name: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """timm's ``pretrained_cfg_overlay`` to load a weights file, once the file is checked.
+
+    timm loads non-strictly once it drops a head for another number of classes, so a file of
+    another model would load in part, or not at all, without a word: the file's keys are
+    checked against a weightless twin of the model (on the meta device where it builds there).
+    """
+    state = _read_state_dict(path)
+    overlay = {**(model_kwargs.get("pretrained_cfg_overlay") or {}), "file": str(path)}
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                twin = timm.create_model(name, **model_kwargs)
+            break
+        except Exception:
+            continue
+    else:
+        return overlay  # a configuration error, which the build reports
+    heads = twin.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    target = {k: v.shape for k, v in twin.state_dict().items()}
+    body = [k for k in target if k.rpartition(".")[0] not in heads]
+    own = {*body, *(k for k in state if k.rpartition(".")[0] in heads)}
+    missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    _refuse_misfit(
+        path, what, {"missing from the file": missing, "unexpected in the file": unexpected}
+    )
+    head = target.keys() - body
+    if head and all(k in state and state[k].shape == target[k] for k in head):
+        # The file's head fits: say its classes are the model's, or timm drops it.
+        overlay.update(num_classes=model_kwargs["num_classes"], label_offset=0)
+    return overlay
+
+
 def _strip_prefixes(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _KEY_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                stripped = True
+    while key.startswith(_KEY_PREFIXES):
+        key = next(key[len(p) :] for p in _KEY_PREFIXES if key.startswith(p))
     return key
 
 
-def _flattened_variants(key: str) -> list[tuple[str, str]]:
-    """Original names of a key from a timm features-only net (``stages_0.x`` -> ``stages.0.x``).
-
-    Returns (original key, the original name of the module the flattened top-level stands for).
-    """
-    first, _, rest = key.partition(".")
-    variants = []
-    for i, char in enumerate(first):
-        if char == "_" and 0 < i < len(first) - 1:
-            module = f"{first[:i]}.{first[i + 1 :]}"
-            variants.append((f"{module}.{rest}" if rest else module, module))
-    return variants
-
-
-def _match_keys(file_keys: list[str], target_keys: list[str]) -> tuple[dict[str, str], set[str]]:
-    """Map target keys to file keys; also return the module prefixes the target has.
-
-    A target key matches a file key exactly, after stripping wrapper prefixes on both sides, or
-    after undoing a timm features-only flattening. Where no key matches, a first name segment
-    shared by all file keys (a wrapper attribute such as ``net.``) is dropped and it is retried.
-    """
-
-    def attempt(keys: list[str]) -> tuple[dict[str, str], set[str]]:
-        exact = set(keys)
-        by_norm: dict[str, str] = {}
-        for k in keys:
-            by_norm.setdefault(_strip_prefixes(k), k)
-        mapping: dict[str, str] = {}
-        modules: set[str] = set()
-        for target in target_keys:
-            norm = _strip_prefixes(target)
-            if target in exact:
-                mapping[target] = target
-                modules.add(norm.partition(".")[0])
-            elif norm in by_norm:
-                mapping[target] = by_norm[norm]
-                modules.add(norm.partition(".")[0])
-            else:
-                for variant, module in _flattened_variants(norm):
-                    if variant in by_norm:
-                        mapping[target] = by_norm[variant]
-                        modules.add(module)
-                        break
-        return mapping, modules
-
-    mapping, modules = attempt(file_keys)
-    firsts = {k.partition(".")[0] for k in file_keys}
-    if not mapping and len(firsts) == 1 and all("." in k for k in file_keys):
-        first = next(iter(firsts))
-        trimmed = [k[len(first) + 1 :] for k in file_keys]
-        mapping, modules = attempt(trimmed)
-        mapping = {t: f"{first}.{f}" for t, f in mapping.items()}
-    return mapping, modules
-
-
-def _timm_head_names(module: nn.Module) -> tuple[str, ...]:
-    """Names of the classifier head(s) of a timm model (or of the timm model in an encoder)."""
-    for candidate in (module, getattr(module, "model", None)):
-        cfg = getattr(candidate, "pretrained_cfg", None)
-        if isinstance(cfg, Mapping) and cfg.get("classifier"):
-            names = cfg["classifier"]
-            return (names,) if isinstance(names, str) else tuple(names)
-    return _HEAD_NAMES
-
-
-def _is_head(key: str, head_names: tuple[str, ...]) -> bool:
-    norm = _strip_prefixes(key)
-    return any(norm == name or norm.startswith(name + ".") for name in head_names)
-
-
-def _adapt_input_conv(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """A first-convolution weight for another number of input channels (smp / timm convention)."""
-    if target.shape[1] == 1:
-        return source.sum(dim=1, keepdim=True)
-    channels = source.shape[1]
-    repeats = math.ceil(target.shape[1] / channels)
-    weight = source.repeat(1, repeats, 1, 1)[:, : target.shape[1]]
-    return weight * (channels / target.shape[1])
-
-
-def _resample_pos_embed(
-    root: nn.Module, key: str, source: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor | None:
-    """A ViT position embedding resampled to the model's patch grid, or None if not possible."""
-    from timm.layers import resample_abs_pos_embed
-
-    owner_name = key.rpartition(".")[0]
-    owner = root.get_submodule(owner_name) if owner_name else root
-    prefix = getattr(owner, "num_prefix_tokens", 1)
-    if getattr(owner, "no_embed_class", False):
-        prefix = 0
-    old_tokens, new_tokens = source.shape[1] - prefix, target.shape[1] - prefix
-    old_side, new_side = math.isqrt(max(old_tokens, 0)), math.isqrt(max(new_tokens, 0))
-    grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None)
-    new_grid = list(grid) if grid else [new_side, new_side]
-    if old_side * old_side != old_tokens or new_grid[0] * new_grid[1] != new_tokens:
-        return None
-    return resample_abs_pos_embed(
-        source, new_size=new_grid, old_size=[old_side, old_side], num_prefix_tokens=prefix
-    )
-
-
-def _load_weights_file(
-    module: nn.Module,
-    path: Path,
-    *,
-    what: str,
-    in_channels: int,
-    ignore_extra_modules: bool,
-    head_names: tuple[str, ...],
-) -> None:
-    """Load a state dict file into ``module`` (an encoder or a timm classifier), strictly.
-
-    Every parameter and buffer of ``module`` must come from the file with its shape, except:
-    BatchNorm's ``num_batches_tracked``; classifier-head weights (``head_names``) that are
-    missing or have another shape (another number of classes); a first convolution for another
-    number of input channels (adapted); a ViT position embedding for another grid (resampled).
-    Keys of the file that ``module`` lacks are an error, unless ``ignore_extra_modules`` and
-    they belong to a module that ``module`` lacks entirely (a head, a decoder, ...).
-    """
-    file_sd = _read_state_dict(path)
-    target_sd = module.state_dict()
-    mapping, modules = _match_keys(list(file_sd), list(target_sd))
-    first_conv = next(
-        (f"{name}.weight" for name, m in module.named_modules() if isinstance(m, nn.Conv2d)), None
-    )
-
-    loaded: dict[str, torch.Tensor] = {}
-    missing: list[str] = []
-    misshaped: list[str] = []
-    for target_key, target in target_sd.items():
-        file_key = mapping.get(target_key)
-        if file_key is None:
-            if not (target_key.endswith("num_batches_tracked") or _is_head(target_key, head_names)):
-                missing.append(target_key)
+def _load_encoder_file(encoder: nn.Module, path: Path, what: str, in_channels: int) -> None:
+    """Load a weights file into a native smp encoder, strictly (see the module docstring)."""
+    target = encoder.state_dict()
+    by_name = {_strip_prefixes(k): k for k in target}
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in _read_state_dict(path).items():
+        state.setdefault(_strip_prefixes(key), tensor)
+    first_conv = next(f"{n}.weight" for n, m in encoder.named_modules() if isinstance(m, nn.Conv2d))
+    loaded, missing, misshaped = {}, [], []
+    for name, key in by_name.items():
+        if name not in state:
+            missing += [] if key.endswith("num_batches_tracked") else [key]
             continue
-        source = file_sd[file_key]
-        if source.shape == target.shape:
-            loaded[target_key] = source
-            continue
-        adapted = None
-        if (
-            target_key == first_conv
-            and source.ndim == 4
-            and target.shape[1] == in_channels
-            and source.shape[0] == target.shape[0]
-            and source.shape[2:] == target.shape[2:]
-        ):
-            adapted = _adapt_input_conv(source, target)
-        elif (
-            target_key.endswith("pos_embed")
-            and source.ndim == target.ndim == 3
-            and source.shape[0] == target.shape[0]
-            and source.shape[2] == target.shape[2]
-        ):
-            adapted = _resample_pos_embed(module, target_key, source, target)
-        if adapted is not None:
-            loaded[target_key] = adapted
-        elif not _is_head(target_key, head_names):
-            misshaped.append(
-                f"{file_key}: file {tuple(source.shape)} vs model {tuple(target.shape)}"
-            )
-
-    used = set(mapping.values())
-    unexpected = []
-    for file_key in file_sd:
-        if file_key in used or _is_head(file_key, head_names):
-            continue
-        norm = _strip_prefixes(file_key)
-        if ignore_extra_modules and not any(norm == m or norm.startswith(m + ".") for m in modules):
-            continue
-        unexpected.append(file_key)
-
-    if missing or unexpected or misshaped:
-        problems = []
-        for label, keys in (
-            ("missing from the file", missing),
-            ("unexpected in the file", unexpected),
-            ("with other shapes", misshaped),
-        ):
-            if keys:
-                shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-                problems.append(f"{len(keys)} keys {label} ({shown})")
-        raise ValueError(
-            f"{WEIGHTS_KEY}={path} does not fit {what}: {'; '.join(problems)}. The file must hold "
-            f"the weights of the same encoder / model (e.g. saved with "
-            f"torch.save(net.state_dict(), path) from a network built with the same name)."
-        )
-
-    result = nn.Module.load_state_dict(module, loaded, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
+        tensor, shape = state[name], target[key].shape
+        if key == first_conv and tensor.ndim == 4 and shape[1] == in_channels != tensor.shape[1]:
+            tensor = adapt_input_conv(in_channels, tensor, base_chans=tensor.shape[1])
+        if tensor.shape == shape:
+            loaded[key] = tensor
+        else:
+            misshaped.append(f"{name}: file {tuple(tensor.shape)} vs model {tuple(shape)}")
+    modules = {name.partition(".")[0] for name in by_name}
+    unexpected = [k for k in state if k not in by_name and k.partition(".")[0] in modules]
+    problems = {"missing from the file": missing, "unexpected in the file": unexpected}
+    _refuse_misfit(path, what, {**problems, "with other shapes": misshaped})
+    nn.Module.load_state_dict(encoder, loaded, strict=False)  # past smp's overrides (densenet)
