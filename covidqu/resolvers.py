@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from covidqu.constants import CLASSES, target_info
 
@@ -71,6 +71,14 @@ _RESOLVERS = {
     "covidqu.slurm_tasks": slurm_tasks,
     "covidqu.slurm_gpus": slurm_gpus,
 }
+
+
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers (from Hydra) as plain dicts and lists, which smp, timm and
+    ``weights_only`` checkpoints expect; anything else as it is."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def register_resolvers() -> None:

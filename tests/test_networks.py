@@ -18,12 +18,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
-from covidqu.models import networks
 from covidqu.models.networks import (
     WeightsUnavailableError,
     build_classifier,
     build_segmentation_model,
 )
+from covidqu.models.weights import smp_weights, timm_pretrained_name
 
 from pipeline_helpers import TINY, compose_config
 
@@ -237,8 +237,8 @@ def test_encoder_config(path: Path) -> None:
     cfg = OmegaConf.load(path)
     assert set(cfg) == {"name", "weights", "timm_name"}
     # The named weights exist for both uses (checked offline, without downloading).
-    networks._smp_weights(cfg.name, cfg.weights)
-    networks._timm_pretrained_name(cfg.timm_name, cfg.weights)
+    smp_weights(cfg.name, cfg.weights)
+    timm_pretrained_name(cfg.timm_name, cfg.weights)
 
     unet = build_segmentation_model("unet", cfg.name, None)
     classifier = build_classifier(cfg.timm_name, None)

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from covidqu.resolvers import to_plain
+
 STAGES = ("train", "val", "test")
 
 
@@ -75,7 +77,7 @@ class CXRModule(pl.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         self.channels_last = channels_last
         self.compile_net = compile
-        self.recipe: dict[str, Any] = _plain(recipe or {})
+        self.recipe: dict[str, Any] = dict(to_plain(recipe or {}))
         #: Per-image rows of the last test run (id, class, scores), for ``per_image.csv``.
         self.test_records: list[dict[str, Any]] = []
         #: How many test images to keep for overlays, and the kept (image, target, output).
@@ -265,15 +267,6 @@ def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i in range(max(len(p) for p in parts)):
         merged += [p[i] for p in parts if i < len(p)]
     return merged
-
-
-def _plain(value: Any) -> Any:
-    """Config containers as plain dicts and lists, so that checkpoints hold no OmegaConf types."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return dict(value)
 
 
 def _parameters(factory: Callable[..., Any]) -> set[str]:

@@ -45,7 +45,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from covidqu.constants import TARGETS
+from covidqu.constants import CLASSES, TARGETS
 from covidqu.models.shapes import check_mode, check_segmentation
 
 __all__ = [
@@ -292,7 +292,7 @@ class ClassificationMetrics(MetricCollection):
 
     def __init__(
         self,
-        num_classes: int = 3,
+        num_classes: int = len(CLASSES),
         positive_class: int = 0,
         positive_name: str = "covid",
         **kwargs: Any,

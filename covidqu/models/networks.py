@@ -4,20 +4,8 @@ The configs in ``conf/model/`` instantiate :func:`build_segmentation_model` (``s
 under smp's own architecture names: a new smp architecture needs only a config file, which also
 says what the architecture needs; all but ``unet`` need image sides divisible by the encoder's
 output stride, 32 for most) or :func:`build_classifier` (``timm.create_model``). Both return raw
-logits. Weights (``encoder.weights``) are ``null`` (random init; also ``"none"``, ``""``); a
-name (``imagenet``, a timm tag), downloaded by smp / timm, where a failed download raises
-:class:`WeightsUnavailableError` and never falls back to random weights; or a local file.
-
-A weights file is a state dict, plain or under ``"state_dict"`` / ``"model"``, read as timm reads
-it and always with ``weights_only=True`` (a file holding arbitrary Python objects is refused).
-timm models (classifiers, ``tu-`` encoders) load it through timm's own ``pretrained_cfg_overlay=
-dict(file=...)``, which adapts the first convolution to the input channels, resamples ViT
-position embeddings and drops a head made for another number of classes. smp's native encoders
-can only download, so we load the file into them: wrapper prefixes (``module.``, ``model.``,
-``encoder.``, ``net.``, ...) are stripped, modules the encoder lacks (a head, a decoder) ignored,
-the first convolution adapted as timm does. Either way every weight but the head must be in the
-file and nothing of the model's own modules left over (a resnet34 file does not initialise a
-resnet18), else a ValueError names the file and the keys.
+logits. Their weights (``encoder.weights``: ``null``, a name such as ``imagenet``, or a local
+file) are resolved by :mod:`covidqu.models.weights`.
 """
 
 from __future__ import annotations
@@ -25,32 +13,33 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-import pickle
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
 import timm
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from timm.models import adapt_input_conv, load_state_dict
 from torch import nn
+
+from covidqu.constants import CLASSES
+from covidqu.models.weights import (
+    WeightsUnavailableError,
+    load_encoder_file,
+    parse_weights,
+    smp_weights,
+    timm_file,
+    timm_pretrained_name,
+    weights_error,
+)
+from covidqu.resolvers import to_plain
 
 __all__ = ["WeightsUnavailableError", "build_classifier", "build_segmentation_model"]
 
-#: The config key through which every config passes the weights.
-WEIGHTS_KEY = "encoder.weights"
-_FIX = f"{WEIGHTS_KEY}=null (random init) or {WEIGHTS_KEY}=/path/to/state_dict.pth (a local file)"
 
 #: Options smp still accepts (with a deprecation warning) outside the class signatures.
 _DEPRECATED_OPTIONS = frozenset({"decoder_use_batchnorm"})
 #: PAN's pyramid attention pools its deepest feature map three times: it needs 8 x 8 of them.
 _PAN_MIN_GRID = 8
-_NO_WEIGHTS = frozenset({"", "none", "null"})
-_WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-#: Leading key prefixes that wrappers add (DataParallel, torch.compile, Lightning, smp, timm).
-_KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.", "net.", "backbone.")
 #: smp encoder names whose timm classifier has another name (the rest differ by '-' vs '_').
 _SMP_TO_TIMM = {
     "mobilenet_v2": "mobilenetv2_100",
@@ -61,14 +50,6 @@ _SMP_TO_TIMM = {
     **{f"se_resnet{n}": f"seresnet{n}" for n in (50, 101, 152)},
     **{f"se_resnext{n}_32x4d": f"seresnext{n}_32x4d" for n in (50, 101)},
 }
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for by name but could not be downloaded.
-
-    Raised instead of silently starting from random weights. The message names the two ways out:
-    ``encoder.weights=null`` (random initialisation) and ``encoder.weights=/path/to/file.pth``.
-    """
 
 
 def build_segmentation_model(
@@ -103,18 +84,18 @@ def build_segmentation_model(
     """
     key, model_cls = _resolve_arch(arch)
     encoder_name = _check_encoder_name(encoder_name)
-    kwargs = {name: _plain(value) for name, value in kwargs.items()}
+    kwargs = {name: to_plain(value) for name, value in kwargs.items()}
     _check_options(key, model_cls, encoder_name, kwargs)
     auto = _dpt_kwargs(key, encoder_name, kwargs) if issubclass(model_cls, smp.DPT) else {}
     what = f"the encoder of model={key} (encoder.name={encoder_name})"
-    source, value = _parse_weights(encoder_weights)
+    source, value = parse_weights(encoder_weights)
     weights: str | bool | None = None
     if source == "named":
-        encoder_name, weights = _smp_weights(encoder_name, value)
+        encoder_name, weights = smp_weights(encoder_name, value)
     elif source == "file" and encoder_name.startswith("tu-"):
         timm_kwargs = {k: v for k, v in kwargs.items() if k not in _options(model_cls)}
         model_kwargs = dict(in_chans=in_channels, num_classes=0, **timm_kwargs)
-        kwargs["pretrained_cfg_overlay"] = _timm_file(value, what, encoder_name[3:], model_kwargs)
+        kwargs["pretrained_cfg_overlay"] = timm_file(value, what, encoder_name[3:], model_kwargs)
         weights = True
 
     def build(weights: str | bool | None) -> nn.Module:
@@ -127,9 +108,9 @@ def build_segmentation_model(
             return smp.create_model(key, classes=classes, **args, **kwargs)
 
     context = f"model={key} with encoder.name={encoder_name}"
-    model = _build(build, weights, context, _weights_error(source, value, what))
+    model = _build(build, weights, context, weights_error(source, value, what))
     if source == "file" and weights is None:
-        _load_encoder_file(model.encoder, value, what, in_channels)
+        load_encoder_file(model.encoder, value, what, in_channels)
     if issubclass(model_cls, smp.PAN):
         model.register_forward_pre_hook(_check_pan_input_size)
     return model
@@ -139,7 +120,7 @@ def build_classifier(
     name: str,
     weights: str | os.PathLike[str] | None = "imagenet",
     in_chans: int = 1,
-    num_classes: int = 3,
+    num_classes: int = len(CLASSES),
     **kwargs: Any,
 ) -> nn.Module:
     """Build a timm image classifier; ``net(x)`` maps ``B x in_chans x H x W`` to logits
@@ -153,22 +134,22 @@ def build_classifier(
         weights: ``None``, ``imagenet`` (timm's default pretrained weights) or another timm
             pretrained tag, or a file path (module docstring); ``encoder.weights``.
         in_chans: input channels; 1 for chest X-rays.
-        num_classes: output logits; 3 for COVID-19 / Non-COVID / Normal.
+        num_classes: output logits; one per class of ``CLASSES`` by default.
         **kwargs: passed on to ``timm.create_model`` (``drop_rate``, ``img_size``, ...).
 
     Raises ValueError (an unknown name, a weights file that does not fit), FileNotFoundError (no
     such weights file) or :class:`WeightsUnavailableError`.
     """
     timm_name = _resolve_timm_name(name)
-    kwargs = {key: _plain(value) for key, value in kwargs.items()}
+    kwargs = {key: to_plain(value) for key, value in kwargs.items()}
     what = f"timm model '{timm_name}' (model.name={name})"
-    source, value = _parse_weights(weights)
+    source, value = parse_weights(weights)
     pretrained = None
     if source == "named":
-        timm_name, pretrained = _timm_pretrained_name(timm_name, value), True
+        timm_name, pretrained = timm_pretrained_name(timm_name, value), True
     elif source == "file":
         model_kwargs = dict(in_chans=in_chans, num_classes=num_classes, **kwargs)
-        kwargs["pretrained_cfg_overlay"] = _timm_file(value, what, timm_name, model_kwargs)
+        kwargs["pretrained_cfg_overlay"] = timm_file(value, what, timm_name, model_kwargs)
         pretrained = True
 
     def build(use: bool | None) -> nn.Module:
@@ -176,7 +157,7 @@ def build_classifier(
             timm_name, pretrained=bool(use), in_chans=in_chans, num_classes=num_classes, **kwargs
         )
 
-    return _build(build, pretrained, f"model.name={name}", _weights_error(source, value, what))
+    return _build(build, pretrained, f"model.name={name}", weights_error(source, value, what))
 
 
 def _resolve_arch(arch: str) -> tuple[str, type[nn.Module]]:
@@ -292,76 +273,6 @@ def _check_pan_input_size(module: nn.Module, args: tuple[Any, ...]) -> None:
         )
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers (from Hydra) as plain lists / dicts, which smp and timm expect."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def _parse_weights(weights: Any) -> tuple[str, Any]:
-    """``("none", None)``, ``("named", str)`` or ``("file", Path)``; a file must exist."""
-    if weights is None or weights is False:
-        return "none", None
-    if weights is True:
-        return "named", "imagenet"
-    if not isinstance(weights, str | os.PathLike):
-        raise ValueError(f"{WEIGHTS_KEY} must be null, a weight name or a path; got {weights!r}.")
-    text = os.fspath(weights).strip()
-    path = Path(text).expanduser()
-    if isinstance(weights, str) and not path.is_file():
-        if text.lower() in _NO_WEIGHTS:
-            return "none", None
-        if not any(c in text for c in "/\\~") and not text.lower().endswith(_WEIGHT_FILE_SUFFIXES):
-            return "named", text
-    if not path.is_file():
-        state = "is a directory" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"{WEIGHTS_KEY}={path}: the weights file {state}. Point {WEIGHTS_KEY} at a state dict "
-            f"file (.pth, .pt, .bin, .ckpt or .safetensors), or use {WEIGHTS_KEY}=imagenet "
-            f"(download) or {WEIGHTS_KEY}=null (random init)."
-        )
-    return "file", path
-
-
-def _smp_weights(encoder_name: str, weights: str) -> tuple[str, str | bool]:
-    """Encoder name and the ``encoder_weights`` argument smp wants for named weights."""
-    if encoder_name.startswith("tu-"):
-        return "tu-" + _timm_pretrained_name(encoder_name[3:], weights), True
-    try:
-        settings = smp.encoders.encoders[encoder_name]["pretrained_settings"]
-    except KeyError:  # timm- names that smp converts to tu- itself
-        return encoder_name, True
-    if weights not in settings:
-        raise ValueError(
-            f"{WEIGHTS_KEY}={weights}: encoder '{encoder_name}' has no such pretrained weights. "
-            f"Available: {', '.join(settings) or 'none'}; or {_FIX}."
-        )
-    return encoder_name, weights
-
-
-def _timm_pretrained_name(timm_name: str, weights: str) -> str:
-    """The timm name to create with ``pretrained=True`` for ``imagenet`` or a pretrained tag."""
-    base, _, tag = timm_name.partition(".")
-    if weights.lower() != "imagenet":
-        if tag and tag != weights:
-            raise ValueError(
-                f"{WEIGHTS_KEY}={weights} conflicts with the pretrained tag in '{timm_name}'; "
-                f"use {WEIGHTS_KEY}=imagenet to take the tag from the name."
-            )
-        tag = weights
-    full = f"{base}.{tag}" if tag else base
-    if tag and full not in timm.list_pretrained(full):
-        tags = ", ".join(n.partition(".")[2] for n in timm.list_pretrained(f"{base}.*"))
-        raise ValueError(
-            f"{WEIGHTS_KEY}={weights}: timm model '{base}' has no pretrained weights '{tag}'. "
-            f"Available tags: {tags or 'none'}; or {WEIGHTS_KEY}=imagenet (the default), {_FIX}."
-        )
-    if not tag and not timm.models.is_model_pretrained(base):
-        raise ValueError(f"{WEIGHTS_KEY}=imagenet: '{base}' has no pretrained weights. Use {_FIX}.")
-    return full
-
-
 def _build(build: Callable, weights: Any, context: str, weights_error: Callable) -> nn.Module:
     """Run ``build(weights)``; where that fails but a build without weights works, the weights
     were the problem (``weights_error``), otherwise the configuration (a ValueError naming it)."""
@@ -381,122 +292,3 @@ def _build(build: Callable, weights: Any, context: str, weights_error: Callable)
     if failure is not None:
         raise weights_error(failure) from failure
     return model
-
-
-def _weights_error(source: str, asked: Any, what: str) -> Callable[[Exception], Exception]:
-    """The error for named weights that failed to download, or a file that failed to load."""
-    if source == "file":
-        return lambda err: _misfit(asked, what, [f"{type(err).__name__}: {err}"])
-    return lambda err: WeightsUnavailableError(
-        f"Pretrained weights {WEIGHTS_KEY}={asked} for {what} could not be downloaded or loaded "
-        f"({type(err).__name__}: {err}). Without internet access (set HF_HUB_OFFLINE=1 to fail "
-        f"fast), use {_FIX}, e.g. one downloaded on a machine with internet access."
-    )
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, read by timm (``weights_only=True``, safetensors too)."""
-    try:
-        state = load_state_dict(str(path), weights_only=True)
-    except Exception as err:
-        if pickle.UnpicklingError not in (type(err), type(err.__cause__)):
-            raise ValueError(f"{WEIGHTS_KEY}={path}: cannot read a state dict: {err}") from err
-        raise ValueError(
-            f"{WEIGHTS_KEY}={path}: the file holds Python objects besides tensors, and weights "
-            f"files load with weights_only=True only (unpickling objects could run code). Save "
-            f"the weights alone instead: torch.save(net.state_dict(), path)."
-        ) from err
-    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(
-            f"{WEIGHTS_KEY}={path}: the file holds no state dict (parameter names mapped to "
-            f"tensors, plain or under 'state_dict' / 'model')."
-        )
-    return tensors
-
-
-def _misfit(path: Path, what: str, problems: list[str]) -> ValueError:
-    return ValueError(
-        f"{WEIGHTS_KEY}={path} does not fit {what}: {'; '.join(problems)}. The file must hold the "
-        f"weights of the same encoder / model (e.g. saved with torch.save(net.state_dict(), path) "
-        f"from a network built with the same name); or use {WEIGHTS_KEY}=imagenet or null."
-    )
-
-
-def _refuse_misfit(path: Path, what: str, problems: Mapping[str, list[str]]) -> None:
-    """Raise naming up to five keys of each problem (``{"missing from the file": keys}``)."""
-    found = [
-        f"{len(keys)} keys {label} ({', '.join(keys[:5])}{', ...' * (len(keys) > 5)})"
-        for label, keys in problems.items()
-        if keys
-    ]
-    if found:
-        raise _misfit(path, what, found)
-
-
-def _timm_file(path: Path, what: str, name: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """timm's ``pretrained_cfg_overlay`` to load a weights file, once the file is checked.
-
-    timm loads non-strictly once it drops a head for another number of classes, so a file of
-    another model would load in part, or not at all, without a word: the file's keys are
-    checked against a weightless twin of the model (on the meta device where it builds there).
-    """
-    state = _read_state_dict(path)
-    overlay = {**(model_kwargs.get("pretrained_cfg_overlay") or {}), "file": str(path)}
-    for device in ("meta", "cpu"):
-        try:
-            with torch.device(device):
-                twin = timm.create_model(name, **model_kwargs)
-            break
-        except Exception:
-            continue
-    else:
-        return overlay  # a configuration error, which the build reports
-    heads = twin.pretrained_cfg.get("classifier") or ()
-    heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    target = {k: v.shape for k, v in twin.state_dict().items()}
-    body = [k for k in target if k.rpartition(".")[0] not in heads]
-    own = {*body, *(k for k in state if k.rpartition(".")[0] in heads)}
-    missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    _refuse_misfit(
-        path, what, {"missing from the file": missing, "unexpected in the file": unexpected}
-    )
-    head = target.keys() - body
-    if head and all(k in state and state[k].shape == target[k] for k in head):
-        # The file's head fits: say its classes are the model's, or timm drops it.
-        overlay.update(num_classes=model_kwargs["num_classes"], label_offset=0)
-    return overlay
-
-
-def _strip_prefixes(key: str) -> str:
-    while key.startswith(_KEY_PREFIXES):
-        key = next(key[len(p) :] for p in _KEY_PREFIXES if key.startswith(p))
-    return key
-
-
-def _load_encoder_file(encoder: nn.Module, path: Path, what: str, in_channels: int) -> None:
-    """Load a weights file into a native smp encoder, strictly (see the module docstring)."""
-    target = encoder.state_dict()
-    by_name = {_strip_prefixes(k): k for k in target}
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in _read_state_dict(path).items():
-        state.setdefault(_strip_prefixes(key), tensor)
-    first_conv = next(f"{n}.weight" for n, m in encoder.named_modules() if isinstance(m, nn.Conv2d))
-    loaded, missing, misshaped = {}, [], []
-    for name, key in by_name.items():
-        if name not in state:
-            missing += [] if key.endswith("num_batches_tracked") else [key]
-            continue
-        tensor, shape = state[name], target[key].shape
-        if key == first_conv and tensor.ndim == 4 and shape[1] == in_channels != tensor.shape[1]:
-            tensor = adapt_input_conv(in_channels, tensor, base_chans=tensor.shape[1])
-        if tensor.shape == shape:
-            loaded[key] = tensor
-        else:
-            misshaped.append(f"{name}: file {tuple(tensor.shape)} vs model {tuple(shape)}")
-    modules = {name.partition(".")[0] for name in by_name}
-    unexpected = [k for k in state if k not in by_name and k.partition(".")[0] in modules]
-    problems = {"missing from the file": missing, "unexpected in the file": unexpected}
-    _refuse_misfit(path, what, {**problems, "with other shapes": misshaped})
-    nn.Module.load_state_dict(encoder, loaded, strict=False)  # past smp's overrides (densenet)
