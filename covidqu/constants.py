@@ -51,6 +51,9 @@ class Target:
             not covered by a later mask, and class 0 the rest (background).
         classes: names of the network's output channels (one for a binary target).
         description: a line for help texts.
+        covid_class: the class that only COVID-19 images show (the infection), whose per-image
+            figures are also averaged over the COVID-19 images alone (``dice_covid``); ``None``
+            where every image shows every class.
     """
 
     name: str
@@ -58,6 +61,7 @@ class Target:
     masks: tuple[str, ...]
     classes: tuple[str, ...]
     description: str
+    covid_class: str | None = None
 
     @property
     def mode(self) -> str:
@@ -75,13 +79,21 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("lung", "lung", ("lung",), ("lung",), "binary lung mask"),
-        Target("infection", "infection", ("infection",), ("infection",), "binary infection mask"),
+        Target(
+            "infection",
+            "infection",
+            ("infection",),
+            ("infection",),
+            "binary infection mask",
+            covid_class="infection",
+        ),
         Target(
             "infection_multiclass",
             "infection",
             ("lung", "infection"),
             ("background", "lung", "infection"),
             "background / lung / infection, one class per pixel",
+            covid_class="infection",
         ),
     )
 }

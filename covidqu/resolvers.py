@@ -29,6 +29,11 @@ def seg_classes(target: str) -> list[str]:
     return list(target_info(target).classes)
 
 
+def covid_class(target: str) -> str | None:
+    """The class of a ``data.target`` that only COVID-19 images show (``None`` if none)."""
+    return target_info(target).covid_class
+
+
 def num_classes() -> int:
     """How many image classes there are (COVID-19, Non-COVID, Normal)."""
     return len(CLASSES)
@@ -67,6 +72,7 @@ _RESOLVERS = {
     "covidqu.seg_mode": seg_mode,
     "covidqu.seg_classes": seg_classes,
     "covidqu.num_classes": num_classes,
+    "covidqu.covid_class": covid_class,
     "covidqu.optuna_direction": optuna_direction,
     "covidqu.slurm_tasks": slurm_tasks,
     "covidqu.slurm_gpus": slurm_gpus,

@@ -72,6 +72,11 @@ def test_eval_writes_metrics_per_image_rows_and_overlays(lung_run: Path, synth_r
     assert len(rows) == 9
     assert {r["class"] for r in rows} == {"COVID-19", "Non-COVID", "Normal"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    # the per-image means of metrics.json are the means of per_image.csv's rows
+    for key in ("dice", "iou"):
+        mean = sum(float(r[key]) for r in rows) / len(rows)
+        assert metrics[f"test/{key}_image"] == pytest.approx(mean, abs=1e-5)
+    assert "test/dice_covid" not in metrics  # lung masks: every image shows a lung
     overlays = sorted((out / "overlays").iterdir())
     assert len(overlays) == 3
     panel = cv2.imread(str(overlays[0]))

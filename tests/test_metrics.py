@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from covidqu.models.metrics import (
+    IMAGE_KEYS,
     SEGMENTATION_KEYS,
     ClassificationMetrics,
     SegmentationMetrics,
@@ -50,6 +51,9 @@ POOLED_AB = {
     "sensitivity": 2 / 4,
     "specificity": 26 / 28,
     "precision": 2 / 4,
+    # per-image means: A has dice 4/8, iou 2/6; B, empty truth and prediction, 1 and 1
+    "dice_image": (4 / 8 + 1.0) / 2,
+    "iou_image": (2 / 6 + 1.0) / 2,
 }
 
 
@@ -60,7 +64,7 @@ def test_binary_hand_computed() -> None:
     metric = SegmentationMetrics()
     metric.update(binary_logits(torch.cat([PRED_A, PRED_B])), torch.cat([TRUTH_A, TRUTH_B]))
     values = as_floats(metric.compute())
-    assert set(values) == set(SEGMENTATION_KEYS)
+    assert set(values) == {*SEGMENTATION_KEYS, *IMAGE_KEYS}
     assert values == approx(POOLED_AB)
     assert metric.tp.dtype == torch.long
     assert metric.tp.tolist() == [2] and metric.fp.tolist() == [2]
@@ -170,7 +174,9 @@ def test_binary_target_without_channel_dim() -> None:
 def test_empty_truth_empty_prediction_is_perfect() -> None:
     metric = SegmentationMetrics()
     metric.update(binary_logits(torch.zeros(2, 1, 4, 4)), torch.zeros(2, 1, 4, 4))
-    assert as_floats(metric.compute()) == approx(dict.fromkeys(SEGMENTATION_KEYS, 1.0))
+    assert as_floats(metric.compute()) == approx(
+        dict.fromkeys((*SEGMENTATION_KEYS, *IMAGE_KEYS), 1.0)
+    )
 
 
 def test_empty_truth_with_false_positives() -> None:
@@ -192,7 +198,9 @@ def test_missed_lesion_and_all_positive_truth() -> None:
     assert values["precision"] == 1.0  # nothing predicted, so nothing predicted wrongly
     full = SegmentationMetrics()
     full.update(binary_logits(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
-    assert as_floats(full.compute()) == approx(dict.fromkeys(SEGMENTATION_KEYS, 1.0))
+    assert as_floats(full.compute()) == approx(
+        dict.fromkeys((*SEGMENTATION_KEYS, *IMAGE_KEYS), 1.0)
+    )
 
 
 def test_per_image_scores_binary_conventions() -> None:
@@ -228,6 +236,10 @@ MC_EXPECTED = {
     "iou_lung": 3 / 5,
     "dice_infection": 2 / 3,
     "iou_infection": 1 / 2,
+    # per image, the mean over lung and infection: dice 2/3 and (4/5 + 1)/2, iou 1/2 and
+    # (2/3 + 1)/2
+    "dice_image": (2 / 3 + (4 / 5 + 1.0) / 2) / 2,
+    "iou_image": (1 / 2 + (2 / 3 + 1.0) / 2) / 2,
 }
 
 
@@ -433,3 +445,55 @@ def test_ddp_sync_sums_states_across_processes() -> None:
         assert cls["acc"] == approx(5 / 8)
         assert cls["sensitivity_covid"] == approx(2 / 3)
         assert cls["specificity_covid"] == approx(4 / 5)
+
+
+# --------------------------------------------------------------------------- per-image means
+
+
+def test_per_image_means_and_covid_only_means_by_hand() -> None:
+    # three 2 x 2 images: COVID-19 (pred top row, truth top-left), Normal (empty, empty),
+    # COVID-19 (pred top-left, truth top row)
+    logits = torch.tensor(
+        [
+            [[[5.0, 5.0], [-5.0, -5.0]]],
+            [[[-5.0, -5.0], [-5.0, -5.0]]],
+            [[[5.0, -5.0], [-5.0, -5.0]]],
+        ]
+    )
+    truth = torch.tensor(
+        [[[[1.0, 0.0], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]]
+    )
+    labels = torch.tensor([0, 2, 0])
+    metric = SegmentationMetrics("binary", class_names=["infection"], covid_class="infection")
+    metric.update(logits[:2], truth[:2], labels[:2])  # batches do not change per-image means
+    metric.update(logits[2:], truth[2:], labels[2:])
+    values = as_floats(metric.compute())
+    assert values["dice"] == approx(4 / 6)  # pooled: tp 2, fp 1, fn 1
+    assert values["dice_image"] == approx((2 / 3 + 1.0 + 2 / 3) / 3)
+    assert values["iou_image"] == approx((1 / 2 + 1.0 + 1 / 2) / 3)
+    assert values["dice_covid"] == approx(2 / 3)  # the Normal image's perfect 1 left out
+    assert values["iou_covid"] == approx(1 / 2)
+    plain = SegmentationMetrics("binary")
+    plain.update(logits, truth)
+    assert "dice_covid" not in plain.compute()
+
+
+def test_covid_means_take_the_covid_class_of_a_multiclass_target() -> None:
+    metric = SegmentationMetrics("multiclass", 3, covid_class="infection")
+    metric.update(multiclass_logits(MC_PRED), MC_TRUTH, torch.tensor([0, 1]))
+    values = as_floats(metric.compute())
+    per_image = per_image_scores(multiclass_logits(MC_PRED), MC_TRUTH, mode="multiclass")
+    assert values["dice_image"] == approx(per_image["dice"].mean().item())
+    assert values["dice_covid"] == approx(per_image["dice_infection"][0].item())
+    assert values["iou_covid"] == approx(per_image["iou_infection"][0].item())
+
+
+def test_covid_means_without_covid_images_or_labels() -> None:
+    metric = SegmentationMetrics("binary", class_names=["infection"], covid_class="infection")
+    metric.update(torch.full((2, 1, 2, 2), -5.0), torch.zeros(2, 1, 2, 2), torch.tensor([1, 2]))
+    values = metric.compute()
+    assert torch.isnan(values["dice_covid"]) and values["dice_image"] == 1.0
+    with pytest.raises(ValueError, match="labels"):
+        metric.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="covid_class"):
+        SegmentationMetrics("binary", covid_class="infection")  # its only class is "foreground"

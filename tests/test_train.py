@@ -20,12 +20,27 @@ def tiny(root: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize(
     ("task", "extra", "expected"),
     [
-        ("lung", [], ["val/dice", "val/iou", "test/dice", "test/specificity", "test/precision"]),
-        ("infection", ["model=fpn"], ["val/dice", "test/sensitivity"]),
+        (
+            "lung",
+            [],
+            [
+                "val/dice",
+                "val/iou",
+                "test/dice",
+                "test/specificity",
+                "test/precision",
+                "val/dice_image",
+            ],
+        ),
+        (
+            "infection",
+            ["model=fpn"],
+            ["val/dice", "test/sensitivity", "val/dice_image", "test/dice_covid", "test/iou_covid"],
+        ),
         (
             "infection",
             ["data.target=infection_multiclass", "loss=dice_ce"],
-            ["val/dice", "val/dice_infection", "val/dice_lung"],
+            ["val/dice", "val/dice_infection", "val/dice_lung", "val/dice_covid", "val/iou_image"],
         ),
         ("classify", [], ["val/acc", "val/f1_macro", "val/auroc", "test/sensitivity_covid"]),
     ],

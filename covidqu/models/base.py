@@ -129,8 +129,12 @@ class CXRModule(pl.LightningModule):
                     batch_size=bs,
                     sync_dist=stage != "train",
                 )
-        self.stage_metrics(stage).update(logits.detach(), target)
+        self.update_metrics(stage, logits.detach(), batch)
         return logits, loss
+
+    def update_metrics(self, stage: str, logits: Tensor, batch: Mapping[str, Any]) -> None:
+        """Add a batch to the metrics of ``stage``: the logits against the batch's target."""
+        self.stage_metrics(stage).update(logits, batch[self.target_key])
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         _, loss = self._step(batch, "train")

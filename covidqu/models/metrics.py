@@ -45,10 +45,11 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from covidqu.constants import CLASSES, TARGETS
+from covidqu.constants import CLASSES, COVID, TARGETS
 from covidqu.models.shapes import check_mode, check_segmentation
 
 __all__ = [
+    "IMAGE_KEYS",
     "SEGMENTATION_KEYS",
     "ClassificationMetrics",
     "SegmentationMetrics",
@@ -61,6 +62,8 @@ _KEY = "module.metrics.mode"
 
 #: Keys every segmentation result has (multiclass: means over the foreground classes).
 SEGMENTATION_KEYS: tuple[str, ...] = ("dice", "iou", "sensitivity", "specificity", "precision")
+#: Per-image means every segmentation result has beside them.
+IMAGE_KEYS: tuple[str, ...] = ("dice_image", "iou_image")
 
 
 def default_class_names(num_classes: int) -> tuple[str, ...]:
@@ -140,6 +143,14 @@ def _scores(tp: Tensor, fp: Tensor, fn: Tensor, tn: Tensor) -> dict[str, Tensor]
     }
 
 
+def _image_figures(per_class: dict[str, Tensor], mode: str) -> dict[str, Tensor]:
+    """Each image's figures (B) from its per-class ones (B x C): the channel in binary mode,
+    the mean over the foreground classes in multiclass mode."""
+    if mode == "binary":
+        return {k: v[:, 0] for k, v in per_class.items()}
+    return {k: v[:, 1:].mean(1) for k, v in per_class.items()}
+
+
 class SegmentationMetrics(Metric):
     """Dice, IoU, sensitivity, specificity and precision over a whole split.
 
@@ -152,6 +163,13 @@ class SegmentationMetrics(Metric):
     the foreground classes (1 .. C-1; class 0 is background), and ``dice_<name>``,
     ``iou_<name>`` are added for each foreground class (``dice_lung``, ``iou_infection``...).
 
+    Per-image means stand beside the pooled figures, as the seed paper reports per image:
+    ``dice_image`` and ``iou_image`` (the mean of each image's figure, with the empty-mask rule
+    above; multiclass: each image's mean over the foreground classes) and, with ``covid_class``
+    set, ``dice_covid`` and ``iou_covid``: that class's per-image figures averaged over the
+    COVID-19 images only (label :data:`~covidqu.constants.COVID`, passed to :meth:`update`), the
+    images whose infection masks are not empty. NaN when no COVID-19 image was seen.
+
     Args:
         mode: ``binary`` (logits B x 1 x H x W, positive where ``sigmoid > threshold``; target
             float B x 1 x H x W in {0, 1}) or ``multiclass`` (logits B x C x H x W, prediction
@@ -161,6 +179,8 @@ class SegmentationMetrics(Metric):
             Unused in multiclass mode.
         class_names: one name per class, used in the per-class keys; defaults to background,
             lung, infection for 3 classes and ``class<i>`` otherwise.
+        covid_class: the name of the class that only COVID-19 images show (``infection``), for
+            ``dice_covid`` / ``iou_covid``; ``None`` leaves them out.
         kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``sync_on_compute``).
     """
 
@@ -172,6 +192,8 @@ class SegmentationMetrics(Metric):
     fp: Tensor
     fn: Tensor
     tn: Tensor
+    image_sums: Tensor
+    covid_sums: Tensor
 
     def __init__(
         self,
@@ -179,6 +201,7 @@ class SegmentationMetrics(Metric):
         num_classes: int = 1,
         threshold: float = 0.5,
         class_names: Sequence[str] | None = None,
+        covid_class: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -186,13 +209,26 @@ class SegmentationMetrics(Metric):
         self.mode = mode
         self.num_classes = int(num_classes)
         self.threshold = float(threshold)
+        if covid_class is not None and covid_class not in self.class_names:
+            raise ValueError(
+                f"covid_class={covid_class!r} is not one of the classes {list(self.class_names)}"
+            )
+        self.covid_class = covid_class
         for name in ("tp", "fp", "fn", "tn"):
             self.add_state(
                 name, default=torch.zeros(self.num_classes, dtype=torch.long), dist_reduce_fx="sum"
             )
+        # (sum of per-image dice, of per-image iou, number of images), in float64
+        self.add_state(
+            "image_sums", default=torch.zeros(3, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state(
+            "covid_sums", default=torch.zeros(3, dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
-    def update(self, logits: Tensor, target: Tensor) -> None:
-        """Add a batch: raw ``logits`` and its ``target`` (shapes as in the class docstring)."""
+    def update(self, logits: Tensor, target: Tensor, labels: Tensor | None = None) -> None:
+        """Add a batch: raw ``logits``, its ``target`` (shapes as in the class docstring) and,
+        for the COVID-19 figures, the images' class ``labels`` (B)."""
         tp, fp, fn, tn = _per_image_counts(
             logits.detach(), target.detach(), self.mode, self.threshold, self.num_classes
         )
@@ -200,17 +236,41 @@ class SegmentationMetrics(Metric):
         self.fp += fp.sum(0)
         self.fn += fn.sum(0)
         self.tn += tn.sum(0)
+        per_class = _scores(tp, fp, fn, tn)
+        figures = _image_figures(per_class, self.mode)
+        self.image_sums += torch.stack(
+            [figures["dice"].sum(), figures["iou"].sum(), figures["dice"].new_tensor(len(tp))]
+        )
+        if self.covid_class is None:
+            return
+        if labels is None:
+            raise ValueError(
+                "segmentation metrics with covid_class set need the images' class labels: "
+                "update(logits, target, labels)"
+            )
+        covid = torch.as_tensor(labels, device=tp.device).reshape(-1) == COVID
+        c = self.class_names.index(self.covid_class)
+        dice, iou = per_class["dice"][:, c][covid], per_class["iou"][:, c][covid]
+        self.covid_sums += torch.stack([dice.sum(), iou.sum(), dice.new_tensor(len(dice))])
 
     def compute(self) -> dict[str, Tensor]:
         """The figures over everything added since the last reset."""
         per_class = _scores(self.tp, self.fp, self.fn, self.tn)
         if self.mode == "binary":
-            return {k: v[0].float() for k, v in per_class.items()}
-        out = {k: v[1:].mean().float() for k, v in per_class.items()}
-        for c in range(1, self.num_classes):
-            name = self.class_names[c]
-            out[f"dice_{name}"] = per_class["dice"][c].float()
-            out[f"iou_{name}"] = per_class["iou"][c].float()
+            out = {k: v[0].float() for k, v in per_class.items()}
+        else:
+            out = {k: v[1:].mean().float() for k, v in per_class.items()}
+            for c in range(1, self.num_classes):
+                name = self.class_names[c]
+                out[f"dice_{name}"] = per_class["dice"][c].float()
+                out[f"iou_{name}"] = per_class["iou"][c].float()
+        groups = [("image", self.image_sums)]
+        if self.covid_class is not None:
+            groups.append(("covid", self.covid_sums))
+        for group, (dice, iou, count) in groups:
+            # no image of the group seen: NaN (written as null), never a made-up 0 or 1
+            out[f"dice_{group}"] = (dice / count if count > 0 else dice * float("nan")).float()
+            out[f"iou_{group}"] = (iou / count if count > 0 else iou * float("nan")).float()
         return out
 
 
@@ -251,12 +311,11 @@ def per_image_scores(
     pixels = (tp + fp + fn + tn).double().clamp_min(1)
     pred_share = (tp + fp).double() / pixels
     true_share = (tp + fn).double() / pixels
+    out = _image_figures(per_class, mode)
     if mode == "binary":
-        out = {k: v[:, 0] for k, v in per_class.items()}
         out["pred_fraction"] = pred_share[:, 0]
         out["true_fraction"] = true_share[:, 0]
     else:
-        out = {k: v[:, 1:].mean(1) for k, v in per_class.items()}
         out["pred_fraction"] = 1.0 - pred_share[:, 0]
         out["true_fraction"] = 1.0 - true_share[:, 0]
         for c in range(1, num_classes):

@@ -43,6 +43,10 @@ class SegmentationModule(CXRModule):
         names = getattr(self.val_metrics, "class_names", None)
         return tuple(names) if names else default_class_names(self.val_metrics.num_classes)
 
+    def update_metrics(self, stage: str, logits: Tensor, batch: Mapping[str, Any]) -> None:
+        """The masks, and the images' classes for the COVID-19-only figures."""
+        self.stage_metrics(stage).update(logits, batch["mask"], batch.get("label"))
+
     def predict_masks(self, logits: Tensor) -> Tensor:
         """B x H x W integer masks: 0/1 for binary, the argmax class for multi-class."""
         if logits.shape[1] == 1:
