@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from covidqu.analysis import scoring
 from covidqu.analysis.scoring import (
     DETECTION_KEYS,
     _auroc,
@@ -177,6 +178,14 @@ def test_bootstrap_is_deterministic_with_the_seed() -> None:
     c = detection_metrics(scores, truth, 0.75, n_boot=200, seed=8)
     assert a == b
     assert a != c
+
+
+def test_bootstrap_does_not_depend_on_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Resamples are drawn in blocks to bound memory; the blocks must not change the draws.
+    scores, truth = _mixed(n=60)
+    whole = detection_metrics(scores, truth, 0.75, n_boot=200, seed=3)
+    monkeypatch.setattr(scoring, "_BOOT_CHUNK", 7 * 60)
+    assert detection_metrics(scores, truth, 0.75, n_boot=200, seed=3) == whole
 
 
 def test_bootstrap_is_degenerate_when_every_image_is_right() -> None:

@@ -25,7 +25,7 @@ global figure state and no display is needed.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -213,13 +213,20 @@ def _detection_figures(
     }
 
 
-def _bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """``n_boot`` x ``n``: how many times each image is drawn in each resample of ``n`` images
-    drawn with replacement."""
+#: Resamples are scored this many image draws at a time, to bound memory on large splits.
+_BOOT_CHUNK = 2_000_000
+
+
+def _bootstrap_counts(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Resamples of ``n`` images drawn with replacement, as blocks of rows: how many times each
+    image is drawn in each resample (rows x ``n``), ``n_boot`` rows in all."""
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(n_boot, n))
-    flat = (draws + (np.arange(n_boot) * n)[:, None]).ravel()
-    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+    rows = max(1, _BOOT_CHUNK // n)
+    for start in range(0, n_boot, rows):
+        m = min(rows, n_boot - start)
+        draws = rng.integers(0, n, size=(m, n))
+        flat = (draws + (np.arange(m) * n)[:, None]).ravel()
+        yield np.bincount(flat, minlength=m * n).reshape(m, n).astype(np.float64)
 
 
 def detection_metrics(
@@ -258,7 +265,11 @@ def detection_metrics(
     pred = s >= threshold
 
     point = _detection_figures(np.ones((1, s.size)), s, t, pred)
-    resampled = _detection_figures(_bootstrap_counts(s.size, int(n_boot), seed), s, t, pred)
+    blocks = [
+        _detection_figures(counts, s, t, pred)
+        for counts in _bootstrap_counts(s.size, int(n_boot), seed)
+    ]
+    resampled = {key: np.concatenate([b[key] for b in blocks]) for key in DETECTION_KEYS}
     quantiles = [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0]
     out: dict[str, float] = {}
     for key in DETECTION_KEYS:
