@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -409,16 +409,32 @@ def plot_roc(scores: ArrayLike, truth: ArrayLike, threshold: float, path: str | 
         linestyle="none",
         label=f"threshold {threshold:g}: sens {sens:.3f}, spec {spec:.3f}",
     )
-    ax.set(
-        xlim=(-0.02, 1.02),
-        ylim=(-0.02, 1.02),
-        xlabel="1 - specificity (false-positive rate)",
-        ylabel="sensitivity (true-positive rate)",
-        title=f"COVID-19 detection ({n_pos} COVID-19, {n_neg} other)",
-        aspect="equal",
+    return _finish_square(
+        fig,
+        (-0.02, 1.02),
+        "1 - specificity (false-positive rate)",
+        "sensitivity (true-positive rate)",
+        f"COVID-19 detection ({n_pos} COVID-19, {n_neg} other)",
+        "lower right",
+        path,
     )
+
+
+def _finish_square(
+    fig: Any,
+    limits: tuple[float, float],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    legend: str,
+    path: str | Path,
+) -> Path:
+    """Square axes over ``limits`` on both sides, labelled, with a light grid and the legend at
+    ``legend``; then the figure is saved to ``path``."""
+    ax = fig.axes[0]
+    ax.set(xlim=limits, ylim=limits, xlabel=xlabel, ylabel=ylabel, title=title, aspect="equal")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc=legend, fontsize="small")
     return _save(fig, path)
 
 
@@ -442,17 +458,15 @@ def plot_severity(pred_pct: ArrayLike, true_pct: ArrayLike, path: str | Path) ->
     ax = fig.add_subplot()
     ax.plot([lo, hi], [lo, hi], linestyle="--", color="0.5", linewidth=1, label="identity")
     ax.scatter(y, p, s=12, alpha=0.6, color="C0", edgecolors="none", label=f"{p.size} images")
-    ax.set(
-        xlim=(lo - pad, hi + pad),
-        ylim=(lo - pad, hi + pad),
-        xlabel="true severity (% of lung infected)",
-        ylabel="predicted severity (% of lung infected)",
-        title=f"MAE {_mae(p, y):.2f} pp, Pearson r {_fmt(_pearson(p, y), '.3f')}",
-        aspect="equal",
+    return _finish_square(
+        fig,
+        (lo - pad, hi + pad),
+        "true severity (% of lung infected)",
+        "predicted severity (% of lung infected)",
+        f"MAE {_mae(p, y):.2f} pp, Pearson r {_fmt(_pearson(p, y), '.3f')}",
+        "upper left",
+        path,
     )
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize="small")
-    return _save(fig, path)
 
 
 def plot_grade_confusion(

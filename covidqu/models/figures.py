@@ -39,7 +39,8 @@ def tint(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray
     return out
 
 
-def _caption(panel: np.ndarray, text: str) -> np.ndarray:
+def caption(panel: np.ndarray, text: str) -> np.ndarray:
+    """``panel`` under a black bar with ``text`` written in it."""
     h, w = panel.shape[:2]
     bar = np.zeros((max(14, h // 12), w, 3), np.uint8)
     scale = max(0.3, bar.shape[0] / 30)
@@ -77,9 +78,9 @@ def segmentation_panel(image: np.ndarray, target: np.ndarray, prediction: np.nda
     image, target, prediction = _enlarge(image, target, prediction)
     gray = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     panels = [
-        _caption(gray, "image"),
-        _caption(tint(image, target), "truth"),
-        _caption(tint(image, prediction), "prediction"),
+        caption(gray, "image"),
+        caption(tint(image, target), "truth"),
+        caption(tint(image, prediction), "prediction"),
     ]
     return np.hstack(panels)
 
@@ -93,4 +94,4 @@ def classification_panel(
     text = f"pred {CLASSES[prediction]} {probabilities[prediction]:.2f}"
     if label is not None:
         text = f"true {CLASSES[label]} | {text}"
-    return _caption(gray, text)
+    return caption(gray, text)

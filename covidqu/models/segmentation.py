@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from covidqu.constants import CLASSES
+from covidqu.constants import CLASSES, TARGETS
 from covidqu.models.base import CXRModule
 from covidqu.models.figures import denormalise, segmentation_panel, tint
 from covidqu.models.metrics import default_class_names, per_image_scores
@@ -39,9 +39,25 @@ class SegmentationModule(CXRModule):
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """Names of the network's output channels, as the metrics name them."""
+        """Names of the network's output channels: its target's (from the recipe), else as the
+        metrics name them."""
+        target = self.recipe.get("preprocess", {}).get("target")
+        if target in TARGETS:
+            return TARGETS[target].classes
         names = getattr(self.val_metrics, "class_names", None)
         return tuple(names) if names else default_class_names(self.val_metrics.num_classes)
+
+    def region(self, mask: np.ndarray, name: str) -> np.ndarray:
+        """Where a predicted ``mask`` (from :meth:`mask_at`) shows class ``name``, with the
+        classes after it, which lie inside it (the infection inside the lung): a binary
+        model's foreground, or a multi-class model's classes from ``name`` on."""
+        names = self.class_names
+        if name not in names:
+            raise ValueError(
+                f"this model predicts {', '.join(names)}, not {name}: give a checkpoint trained "
+                f"on a target with a {name} class"
+            )
+        return mask > 0 if len(names) == 1 else mask >= names.index(name)
 
     def update_metrics(self, stage: str, logits: Tensor, batch: Mapping[str, Any]) -> None:
         """The masks, and the images' classes for the COVID-19-only figures."""
@@ -104,6 +120,16 @@ class SegmentationModule(CXRModule):
         items = self._overlay_items(batch, logits, n)
         return [(item["id"], self.render_overlay(item)) for item in items]
 
+    def mask_at(self, probabilities: np.ndarray, height: int, width: int) -> np.ndarray:
+        """The predicted uint8 mask (0/1, or class indices) at another size: the probabilities
+        (C x h x w) are resized first, then thresholded or arg-maxed, so edges stay smooth."""
+        up = np.stack(
+            [cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR) for c in probabilities]
+        )
+        if up.shape[0] == 1:
+            return (up[0] > self.threshold).astype(np.uint8)
+        return up.argmax(axis=0).astype(np.uint8)
+
     def predict_outputs(
         self, image: np.ndarray, probabilities: np.ndarray
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -111,22 +137,17 @@ class SegmentationModule(CXRModule):
         overlay; the row has the size and the predicted foreground share, and where the classes
         include a lung and an infection, the infected share of the lung (severity)."""
         H, W = image.shape
-        up = np.stack(
-            [cv2.resize(c, (W, H), interpolation=cv2.INTER_LINEAR) for c in probabilities]
-        )
-        if up.shape[0] == 1:
-            mask = (up[0] > self.threshold).astype(np.uint8)
-            png = mask * 255
-        else:
-            mask = up.argmax(axis=0).astype(np.uint8)
-            png = np.round(mask * (255.0 / (up.shape[0] - 1))).astype(np.uint8)
+        mask = self.mask_at(probabilities, H, W)
+        classes = len(probabilities)
+        png = mask * 255 if classes == 1 else np.round(mask * (255.0 / (classes - 1)))
+        png = png.astype(np.uint8)
         row: dict[str, Any] = {
             "height": H,
             "width": W,
             "area_fraction": float((mask > 0).mean()),
         }
         names = self.class_names
-        if up.shape[0] > 1 and {"lung", "infection"} <= set(names):
+        if classes > 1 and {"lung", "infection"} <= set(names):
             infected = mask == names.index("infection")
             lung = float((mask > 0).sum())
             row["infection_fraction"] = float(infected.mean())

@@ -55,7 +55,7 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i : i + size]
 
 
-def _output_names(files: Sequence[Path]) -> dict[Path, str]:
+def output_names(files: Sequence[Path]) -> dict[Path, str]:
     """A unique output stem per input (``a.png`` beside ``a.jpg`` gives ``a`` and ``a-2``)."""
     names: dict[Path, str] = {}
     used: set[str] = set()
@@ -68,6 +68,20 @@ def _output_names(files: Sequence[Path]) -> dict[Path, str]:
         used.add(name)
         names[f] = name
     return names
+
+
+def read_inputs(files: Sequence[Path]) -> tuple[list[tuple[Path, np.ndarray]], list[dict]]:
+    """The readable images (8-bit gray) with their files, and a row for each file that is not
+    (``status: error: ...``), logged and skipped."""
+    readable: list[tuple[Path, np.ndarray]] = []
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            readable.append((f, read_image(f)))
+        except DataError as err:
+            log.error("skipped %s: %s", f, err)
+            rows.append({"file": str(f), "status": f"error: {err}"})
+    return readable, rows
 
 
 def predict(
@@ -89,16 +103,9 @@ def predict(
     # the very resize and normalisation the checkpoint's evaluation split went through
     resize = build_transform(pre["image_size"])
     mean, std = float(pre["mean"]), float(pre["std"])
-    names = _output_names(files)
+    names = output_names(files)
 
-    rows: list[dict[str, Any]] = []
-    readable: list[tuple[Path, np.ndarray]] = []
-    for f in files:
-        try:
-            readable.append((f, read_image(f)))
-        except DataError as err:
-            log.error("skipped %s: %s", f, err)
-            rows.append({"file": str(f), "status": f"error: {err}"})
+    readable, rows = read_inputs(files)
 
     for batch in _batches(readable, batch_size):
         x = torch.stack([normalise(resize(image=img)["image"], mean, std) for _, img in batch]).to(

@@ -1,0 +1,230 @@
+"""The two-stage analysis: severity and grade by hand, and ``python -m covidqu.analyze``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from torch import nn
+
+from covidqu.analysis.severity import GRADES, check_cutoffs, grade, infected_share
+from covidqu.models.metrics import SegmentationMetrics
+from covidqu.models.segmentation import SegmentationModule
+from covidqu.pipeline import analysis
+from covidqu.pipeline.training import train
+
+from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
+
+CUTOFFS = {"mild": 0.0, "moderate": 25.0, "severe": 50.0, "critical": 75.0}
+
+
+# -- severity and grade, by hand -------------------------------------------------------------
+
+
+def test_infected_share_counts_the_infection_inside_the_lung_only() -> None:
+    lung = np.zeros((8, 8), bool)
+    lung[:, :4] = True  # 32 lung pixels
+    infection = np.zeros((8, 8), bool)
+    infection[:2, :4] = True  # 8 inside the lung
+    infection[:2, 6:] = True  # 4 outside it: not part of any lung
+    assert infected_share(lung, infection) == pytest.approx(25.0)
+    assert infected_share(np.zeros((8, 8)), infection) == 0.0  # no lung, nothing infected
+
+
+@pytest.mark.parametrize(
+    ("share", "expected"),
+    [
+        (0.0, "none"),
+        (0.1, "mild"),
+        (25.0, "mild"),
+        (25.1, "moderate"),
+        (60, "severe"),
+        (99, "critical"),
+    ],
+)
+def test_grades_start_above_their_bounds(share: float, expected: str) -> None:
+    assert grade(share, CUTOFFS) == expected
+
+
+def test_grade_cutoffs_are_checked() -> None:
+    assert check_cutoffs(CUTOFFS) == CUTOFFS
+    with pytest.raises(ValueError, match="moderate"):
+        check_cutoffs({"mild": 0, "severe": 50, "critical": 75})
+    with pytest.raises(ValueError, match=r"grades\.severe=20"):
+        check_cutoffs({**CUTOFFS, "severe": 20.0})
+
+
+def _module(target: str) -> SegmentationModule:
+    """A module that predicts exactly the probabilities it is handed (for the stages)."""
+    metrics = SegmentationMetrics(
+        "binary" if target != "infection_multiclass" else "multiclass",
+        1 if target != "infection_multiclass" else 3,
+    )
+    return SegmentationModule(
+        net=nn.Identity(), loss=None, metrics=metrics, recipe={"preprocess": {"target": target}}
+    )
+
+
+def test_a_perfect_lung_model_and_a_known_infection_give_severity_and_grade(monkeypatch) -> None:
+    lung = np.zeros((16, 16), np.float32)
+    lung[2:14, 1:7] = 1.0  # left lung, 72 px
+    lung[2:14, 9:15] = 1.0  # right lung, 72 px
+    infection = np.zeros((16, 16), np.float32)
+    infection[2:8, 1:7] = 1.0  # 36 px: a quarter of the lung...
+    infection[2:4, 9:12] = 1.0  # ...plus 6 px: 42 of 144 = 29.2 %
+    infection[0, :] = 1.0  # above the lung: left out
+    stages = analysis.Stages(lung=_module("lung"), infection=_module("infection"))
+    probs = {id(stages.lung): lung[None, None], id(stages.infection): infection[None, None]}
+    monkeypatch.setattr(
+        analysis, "_probabilities", lambda module, images, device: probs[id(module)]
+    )
+    image = np.zeros((16, 16), np.uint8)
+    ((pred_lung, pred_inf),) = analysis.segment(stages, [image], "cpu")
+    assert np.array_equal(pred_lung, lung > 0)
+    assert np.array_equal(pred_inf, (infection > 0) & (lung > 0))
+    row = analysis.judge(pred_lung, pred_inf, CUTOFFS, threshold=30.0)
+    assert row["severity_pct"] == pytest.approx(100 * 42 / 144)
+    assert row["grade"] == "moderate"
+    assert row["covid"] == 0 and row["covid_score"] == row["severity_pct"]  # below 30 %
+    assert analysis.judge(pred_lung, pred_inf, CUTOFFS, threshold=29.0)["covid"] == 1
+
+
+def test_one_multiclass_model_serves_both_stages(monkeypatch) -> None:
+    both = _module("infection_multiclass")
+    stages = analysis.Stages(lung=both, infection=both)
+    label = np.zeros((8, 8), np.int64)
+    label[:, :4] = 1  # lung
+    label[:2, :4] = 2  # infection, inside the lung
+    probs = np.eye(3, dtype=np.float32)[label].transpose(2, 0, 1)[None]
+    monkeypatch.setattr(analysis, "_probabilities", lambda module, images, device: probs)
+    ((lung, infection),) = analysis.segment(stages, [np.zeros((8, 8), np.uint8)], "cpu")
+    assert lung.sum() == 32 and infection.sum() == 8  # the lung includes its infection
+    assert analysis.judge(lung, infection, CUTOFFS, 1.0)["severity_pct"] == pytest.approx(25.0)
+
+
+# -- the command, on synthetic and real trees ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny lung and infection models (32 px), trained briefly on the synthetic tree."""
+    found = {}
+    for task in ("lung", "infection"):
+        out = tmp_path_factory.mktemp(f"{task}_run")
+        overrides = [*TINY, f"data.root={synth_root}", f"task={task}", "trainer.max_epochs=2"]
+        train(compose_config("train", overrides, out))
+        found[task] = out / "checkpoints" / "best.ckpt"
+    return found
+
+
+def test_analyze_images_writes_masks_overlays_and_rows(checkpoints, synth_root, tmp_path):
+    folder = synth_root / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in sorted(folder.glob("*/images/*.png"))[:3]:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(inputs / path.name), cv2.resize(image, (70, 50)))  # any size
+    (inputs / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    proc = run_module(
+        "covidqu.analyze",
+        [
+            f"lung_ckpt={checkpoints['lung']}",
+            f"infection_ckpt={checkpoints['infection']}",
+            f"input={inputs}",
+            f"output={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(out / analysis.ANALYSIS_FILE)
+    assert len(rows) == 4
+    broken = [r for r in rows if r["status"] != "ok"]
+    assert len(broken) == 1 and broken[0]["file"].endswith("broken.png")
+    for row in (r for r in rows if r["status"] == "ok"):
+        name = Path(row["file"]).stem
+        lung = cv2.imread(str(out / f"{name}_lung_mask.png"), cv2.IMREAD_GRAYSCALE)
+        infection = cv2.imread(str(out / f"{name}_infection_mask.png"), cv2.IMREAD_GRAYSCALE)
+        assert lung.shape == infection.shape == (50, 70)
+        assert not (infection & ~lung).any()  # the infection lies inside the lung
+        share = 100.0 * (infection > 0).sum() / max(1, (lung > 0).sum())
+        assert float(row["severity_pct"]) == pytest.approx(share, abs=1e-3)
+        assert row["grade"] in GRADES
+        assert int(row["covid"]) == int(float(row["covid_score"]) >= 0.5)  # default threshold
+        assert (out / f"{name}_overlay.png").is_file()
+
+
+def test_scoring_test_uses_a_threshold_chosen_on_val(checkpoints, synth_root, tmp_path):
+    from covidqu.analysis.scoring import choose_threshold
+
+    common = [
+        f"lung_ckpt={checkpoints['lung']}",
+        f"infection_ckpt={checkpoints['infection']}",
+        f"data.root={synth_root}",
+        "detect.n_boot=200",
+    ]
+    val_out = tmp_path / "val"
+    proc = run_module(
+        "covidqu.analyze",
+        [*common, "split=val", "detect.threshold=0", f"hydra.run.dir={val_out}"],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(val_out)["detect/threshold_source"] == "fixed"
+    val_rows = read_csv(val_out / analysis.ANALYSIS_FILE)
+    expected = choose_threshold(
+        [float(r["covid_score"]) for r in val_rows], [int(r["true_covid"]) for r in val_rows]
+    )
+
+    test_out = tmp_path / "test"
+    proc = run_module("covidqu.analyze", [*common, "split=test", f"hydra.run.dir={test_out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(test_out)
+    assert metrics["detect/threshold_source"] == "val"
+    assert metrics["detect/threshold"] == pytest.approx(expected, abs=1e-4)
+    rows = read_csv(test_out / analysis.ANALYSIS_FILE)
+    assert len(rows) == metrics["images"] == 9
+    for row in rows:  # the val threshold is the one applied
+        assert int(row["covid"]) == int(float(row["covid_score"]) >= metrics["detect/threshold"])
+    for key in ("sensitivity", "specificity", "accuracy", "f1", "auroc"):
+        assert metrics[f"detect/{key}_ci_low"] <= metrics[f"detect/{key}"]
+        assert metrics[f"detect/{key}"] <= metrics[f"detect/{key}_ci_high"]
+    keys = ["severity/mae_pct", "severity/grade_acc", "severity/grade_kappa"]
+    keys += ["lung/dice_image", "lung/iou_image", "infection/dice_covid", "infection/iou_covid"]
+    assert all(k in metrics for k in keys), sorted(metrics)
+    lung_dice = np.mean([float(r["lung_dice"]) for r in rows])
+    assert metrics["lung/dice_image"] == pytest.approx(lung_dice, abs=1e-4)
+    for plot in ("roc.png", "severity.png", "grade_confusion.png"):
+        assert cv2.imread(str(test_out / plot)) is not None, plot
+
+
+def test_analyze_on_the_real_sample(checkpoints, sample_root, tmp_path):
+    out = tmp_path / "real"
+    proc = run_module(
+        "covidqu.analyze",
+        [
+            f"lung_ckpt={checkpoints['lung']}",
+            f"infection_ckpt={checkpoints['infection']}",
+            f"data.root={sample_root}",
+            "split=test",
+            "detect.threshold=1.0",
+            "detect.n_boot=100",
+            f"hydra.run.dir={out}",
+        ],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert metrics["detect/threshold_source"] == "fixed" and metrics["images"] > 0
+    assert 0.0 <= metrics["lung/dice_image"] <= 1.0
+
+
+def test_analyze_refuses_a_lung_checkpoint_for_the_infection(checkpoints, tmp_path):
+    cfg = OmegaConf.create(
+        {"lung_ckpt": None, "infection_ckpt": str(checkpoints["lung"]), "device": "cpu"}
+    )
+    with pytest.raises(ValueError, match=r"infection_ckpt=.*task=infection"):
+        analysis.load_stages(str(checkpoints["lung"]), cfg.infection_ckpt, "cpu")
+    with pytest.raises(ValueError, match=r"without lung_ckpt.*lung_ckpt=LUNG\.ckpt"):
+        analysis.load_stages(None, str(checkpoints["infection"]), "cpu")
