@@ -218,6 +218,24 @@ def test_analyze_on_the_real_sample(checkpoints, sample_root, tmp_path):
     metrics = read_metrics(out)
     assert metrics["detect/threshold_source"] == "fixed" and metrics["images"] > 0
     assert 0.0 <= metrics["lung/dice_image"] <= 1.0
+    # and the input form, on the real images themselves
+    images = sample_root / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test"
+    folder = next(images.glob("COVID-19/images"))
+    proc = run_module(
+        "covidqu.analyze",
+        [
+            f"lung_ckpt={checkpoints['lung']}",
+            f"infection_ckpt={checkpoints['infection']}",
+            f"input={folder}",
+            f"output={tmp_path / 'files'}",
+            f"hydra.run.dir={tmp_path / 'files_run'}",
+        ],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(tmp_path / "files" / analysis.ANALYSIS_FILE)
+    assert len(rows) == len(list(folder.glob("*.png"))) and all(r["status"] == "ok" for r in rows)
+    mask = cv2.imread(str(tmp_path / "files" / f"{Path(rows[0]['file']).stem}_lung_mask.png"), 0)
+    assert mask.shape == (256, 256)  # the real images' own size
 
 
 def test_analyze_refuses_a_lung_checkpoint_for_the_infection(checkpoints, tmp_path):
