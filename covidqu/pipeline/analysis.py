@@ -178,7 +178,11 @@ def split_samples(root: str | os.PathLike[str], split: str, limit: int | None) -
 
 
 def analyse_split(
-    cfg: DictConfig, stages: Stages, samples: Iterable[Sample], out: Path | None
+    cfg: DictConfig,
+    stages: Stages,
+    samples: Iterable[Sample],
+    out: Path | None,
+    threshold: float,
 ) -> list[dict[str, Any]]:
     """Rows of predictions beside the truth for dataset samples (pictures when ``out``)."""
     reader = PngReader()
@@ -195,7 +199,7 @@ def analyse_split(
             true_inf = (reader.mask(s, "infection") > 0) & true_lung
             true_share = infected_share(true_lung, true_inf)
             row: dict[str, Any] = {"id": s.id, "class": s.cls}
-            row.update(judge(lung, infection, cutoffs, 0.0))
+            row.update(judge(lung, infection, cutoffs, threshold))
             row["true_covid"] = int(s.label == COVID)
             row["true_severity_pct"] = true_share
             row["true_grade"] = grade(true_share, cutoffs)
@@ -277,14 +281,14 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 
     split = cfg.split
     limit = cfg.data.get("limit_per_class")
-    rows = analyse_split(cfg, stages, split_samples(cfg.data.root, split, limit), out)
+    # the threshold first, from anywhere but the split scored, so every row and overlay uses it
     if fixed is not None:
         threshold, source = float(fixed), "fixed"
     elif split in TUNING_SPLIT:
         source = TUNING_SPLIT[split]
         from covidqu.analysis.scoring import choose_threshold
 
-        tuning = analyse_split(cfg, stages, split_samples(cfg.data.root, source, limit), None)
+        tuning = analyse_split(cfg, stages, split_samples(cfg.data.root, source, limit), None, 0.0)
         threshold = choose_threshold(
             [r["covid_score"] for r in tuning], [r["true_covid"] for r in tuning]
         )
@@ -294,8 +298,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
             f"({', '.join(f'{k} on {v}' for k, v in TUNING_SPLIT.items())}); give "
             "detect.threshold=<percent of the lung> to score this one"
         )
-    for row in rows:
-        row["covid"] = int(row["covid_score"] >= threshold)
+    rows = analyse_split(cfg, stages, split_samples(cfg.data.root, split, limit), out, threshold)
     metrics = score(rows, threshold, source, cfg, out)
     metrics["split"] = split
     outputs.write_rows(out / ANALYSIS_FILE, rows)
