@@ -246,3 +246,31 @@ def test_analyze_refuses_a_lung_checkpoint_for_the_infection(checkpoints, tmp_pa
         analysis.load_stages(str(checkpoints["lung"]), cfg.infection_ckpt, "cpu")
     with pytest.raises(ValueError, match=r"without lung_ckpt.*lung_ckpt=LUNG\.ckpt"):
         analysis.load_stages(None, str(checkpoints["infection"]), "cpu")
+
+
+def test_one_infection_multiclass_checkpoint_serves_both_stages(synth_root, tmp_path):
+    run = tmp_path / "multi"
+    overrides = [*TINY, f"data.root={synth_root}", "task=infection"]
+    overrides += ["data.target=infection_multiclass", "loss=dice_ce", "trainer.max_epochs=1"]
+    train(compose_config("train", overrides, run))
+    out = tmp_path / "out"
+    proc = run_module(
+        "covidqu.analyze",
+        [
+            f"infection_ckpt={run / 'checkpoints' / 'best.ckpt'}",
+            f"data.root={synth_root}",
+            "split=test",
+            "detect.threshold=1.0",
+            "detect.n_boot=50",
+            f"hydra.run.dir={out}",
+        ],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(out / analysis.ANALYSIS_FILE)
+    assert len(rows) == 9
+    for row in rows:
+        lung = cv2.imread(str(out / f"{row['id']}_lung_mask.png"), cv2.IMREAD_GRAYSCALE)
+        infection = cv2.imread(str(out / f"{row['id']}_infection_mask.png"), cv2.IMREAD_GRAYSCALE)
+        assert not (infection & ~lung).any()
+        share = 100.0 * (infection > 0).sum() / max(1, (lung > 0).sum())
+        assert float(row["severity_pct"]) == pytest.approx(share, abs=1e-3)
