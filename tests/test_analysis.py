@@ -78,9 +78,7 @@ def test_a_perfect_lung_model_and_a_known_infection_give_severity_and_grade(monk
     infection[0, :] = 1.0  # above the lung: left out
     stages = analysis.Stages(lung=_module("lung"), infection=_module("infection"))
     probs = {id(stages.lung): lung[None, None], id(stages.infection): infection[None, None]}
-    monkeypatch.setattr(
-        analysis, "_probabilities", lambda module, images, device: probs[id(module)]
-    )
+    monkeypatch.setattr(analysis, "probabilities", lambda module, images, device: probs[id(module)])
     image = np.zeros((16, 16), np.uint8)
     ((pred_lung, pred_inf),) = analysis.segment(stages, [image], "cpu")
     assert np.array_equal(pred_lung, lung > 0)
@@ -99,7 +97,7 @@ def test_one_multiclass_model_serves_both_stages(monkeypatch) -> None:
     label[:, :4] = 1  # lung
     label[:2, :4] = 2  # infection, inside the lung
     probs = np.eye(3, dtype=np.float32)[label].transpose(2, 0, 1)[None]
-    monkeypatch.setattr(analysis, "_probabilities", lambda module, images, device: probs)
+    monkeypatch.setattr(analysis, "probabilities", lambda module, images, device: probs)
     ((lung, infection),) = analysis.segment(stages, [np.zeros((8, 8), np.uint8)], "cpu")
     assert lung.sum() == 32 and infection.sum() == 8  # the lung includes its infection
     assert analysis.judge(lung, infection, CUTOFFS, 1.0)["severity_pct"] == pytest.approx(25.0)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from covidqu.analysis.severity import infected_share
 from covidqu.constants import CLASSES, TARGETS
 from covidqu.models.base import CXRModule
 from covidqu.models.figures import denormalise, segmentation_panel, tint
@@ -146,10 +147,9 @@ class SegmentationModule(CXRModule):
             "width": W,
             "area_fraction": float((mask > 0).mean()),
         }
-        names = self.class_names
-        if classes > 1 and {"lung", "infection"} <= set(names):
-            infected = mask == names.index("infection")
-            lung = float((mask > 0).sum())
+        if classes > 1 and {"lung", "infection"} <= set(self.class_names):
+            infected = self.region(mask, "infection")
             row["infection_fraction"] = float(infected.mean())
-            row["infected_share_of_lung"] = float(infected.sum() / lung) if lung else 0.0
+            share = infected_share(self.region(mask, "lung"), infected)
+            row["infected_share_of_lung"] = share / 100.0
         return row, {"mask": png, "overlay": tint(image, mask)}

@@ -12,26 +12,30 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from rich.progress import track
 
 from covidqu.analysis.severity import GRADES, check_cutoffs, grade, infected_share
 from covidqu.constants import COVID
-from covidqu.data.datasets import normalise
 from covidqu.data.layout import DataError, Sample, scan
 from covidqu.data.readers import PngReader
-from covidqu.data.transforms import build_transform
-from covidqu.models.checkpoint import load_module, preprocessing
+from covidqu.models.checkpoint import load_module
 from covidqu.models.figures import caption, tint
 from covidqu.pipeline import outputs
-from covidqu.pipeline.prediction import find_inputs, output_names, read_inputs
+from covidqu.pipeline.prediction import (
+    batches,
+    find_inputs,
+    output_names,
+    probabilities,
+    read_inputs,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +80,10 @@ def load_stages(lung_ckpt: str | None, infection_ckpt: str, device: str) -> Stag
     return Stages(lung=lung, infection=infection)
 
 
-def _probabilities(module: Any, images: Sequence[np.ndarray], device: str) -> np.ndarray:
-    """The module's probabilities for images of any size, resized and normalised as it was
-    trained."""
-    pre = preprocessing(module)
-    resize = build_transform(pre["image_size"])
-    mean, std = float(pre["mean"]), float(pre["std"])
-    x = torch.stack([normalise(resize(image=img)["image"], mean, std) for img in images])
-    with torch.inference_mode():
-        return module.probabilities(module(x.to(device)).float()).cpu().numpy()
-
-
 def segment(stages: Stages, images: Sequence[np.ndarray], device: str) -> list[tuple[Any, Any]]:
     """The predicted lung and infection masks (bool, at each image's own size); the infection
     is kept inside the lung."""
-    probs = {id(m): _probabilities(m, images, device) for m in stages.modules()}
+    probs = {id(m): probabilities(m, images, device) for m in stages.modules()}
     out = []
     for i, img in enumerate(images):
         h, w = img.shape
@@ -122,19 +115,14 @@ def overlay(image: np.ndarray, lung: np.ndarray, infection: np.ndarray, row: dic
     return caption(tint(image, label), text)
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def analyse_files(cfg: DictConfig, stages: Stages, out: Path, threshold: float) -> list[dict]:
     """``input=`` form: every image file at ``cfg.input``; rows of ``analysis.csv``."""
     files = find_inputs(cfg.input, recursive=cfg.get("recursive", False))
     names = output_names(files)
     cutoffs = check_cutoffs(cfg.grades)
     readable, rows = read_inputs(files)
-    batches = list(_batches(readable, int(cfg.batch_size)))
-    for batch in track(batches, description="analysing", disable=not batches):
+    chunks = list(batches(readable, int(cfg.batch_size)))
+    for batch in track(chunks, description="analysing", disable=not chunks):
         masks = segment(stages, [img for _, img in batch], cfg.device)
         for (f, img), (lung, infection) in zip(batch, masks, strict=True):
             row = {"file": str(f), "status": "ok", "height": img.shape[0], "width": img.shape[1]}
@@ -190,8 +178,8 @@ def analyse_split(
     rows: list[dict[str, Any]] = []
     samples = list(samples)
     names = output_names([s.image for s in samples])
-    batches = list(_batches(samples, int(cfg.batch_size)))
-    for batch in track(batches, description="analysing", disable=not batches):
+    chunks = list(batches(samples, int(cfg.batch_size)))
+    for batch in track(chunks, description="analysing", disable=not chunks):
         images = [reader.image(s) for s in batch]
         masks = segment(stages, images, cfg.device)
         for s, img, (lung, infection) in zip(batch, images, masks, strict=True):
@@ -257,9 +245,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         )
     out = Path(cfg.output or cfg.paths.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.device)
     cfg.device = device
     stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, device)
     fixed = cfg.detect.get("threshold")

@@ -50,9 +50,28 @@ def find_inputs(path: str | os.PathLike[str], recursive: bool = False) -> list[P
     return files
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``items`` in consecutive slices of at most ``size``."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: the GPU where there is one, else the CPU; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def probabilities(module: Any, images: Sequence[np.ndarray], device: str) -> np.ndarray:
+    """The module's probabilities (B x C x h x w or B x C) for 2-D uint8 images of any size,
+    resized and normalised as the checkpoint's evaluation split was."""
+    pre = preprocessing(module)
+    resize = build_transform(pre["image_size"])
+    mean, std = float(pre["mean"]), float(pre["std"])
+    x = torch.stack([normalise(resize(image=img)["image"], mean, std) for img in images])
+    with torch.inference_mode():
+        return module.probabilities(module(x.to(device)).float()).cpu().numpy()
 
 
 def output_names(files: Sequence[Path]) -> dict[Path, str]:
@@ -96,23 +115,14 @@ def predict(
     files = find_inputs(inputs, recursive=recursive)
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     module = load_module(ckpt_path, map_location=device)
-    pre = preprocessing(module)
-    # the very resize and normalisation the checkpoint's evaluation split went through
-    resize = build_transform(pre["image_size"])
-    mean, std = float(pre["mean"]), float(pre["std"])
     names = output_names(files)
 
     readable, rows = read_inputs(files)
 
-    for batch in _batches(readable, batch_size):
-        x = torch.stack([normalise(resize(image=img)["image"], mean, std) for _, img in batch]).to(
-            device
-        )
-        with torch.inference_mode():
-            probs = module.probabilities(module(x).float()).cpu().numpy()
+    for batch in batches(readable, batch_size):
+        probs = probabilities(module, [img for _, img in batch], device)
         for (f, img), p in zip(batch, probs, strict=True):
             fields, pictures = module.predict_outputs(img, p)
             for suffix, picture in pictures.items():
