@@ -16,9 +16,11 @@ from omegaconf import DictConfig
 
 import covidqu  # noqa: F401  (registers the config resolvers)
 from covidqu.pipeline.analysis import analyze
+from covidqu.pipeline.cli import reports_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+@reports_errors
 def main(cfg: DictConfig) -> dict[str, Any]:
     return analyze(cfg)
 

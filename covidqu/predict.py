@@ -10,14 +10,17 @@ import hydra
 from omegaconf import DictConfig
 
 import covidqu  # noqa: F401  (registers the config resolvers)
+from covidqu.errors import ConfigError
+from covidqu.pipeline.cli import reports_errors
 from covidqu.pipeline.prediction import predict
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@reports_errors
 def main(cfg: DictConfig) -> None:
     for key in ("ckpt_path", "input", "output"):
         if not cfg.get(key):
-            raise SystemExit(
+            raise ConfigError(
                 f"{key} is required: python -m covidqu.predict ckpt_path=RUN/checkpoints/best.ckpt "
                 "input=IMAGE_OR_FOLDER output=OUT_FOLDER"
             )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from covidqu.constants import CLASSES, SPLITS, SUBSETS
+from covidqu.errors import DataError
 
 #: Folder name of each subset inside the archive (and repeated inside itself).
 SUBSET_DIRS: dict[str, str] = {
@@ -60,10 +61,6 @@ OFFICIAL_COUNTS: dict[tuple[str, str, str], int] = {
     ("infection", "test", "Non-COVID"): 292,
     ("infection", "test", "Normal"): 291,
 }
-
-
-class DataError(Exception):
-    """Bad or missing data, with a message that names the path and the fix."""
 
 
 class NotADatasetError(DataError):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from hydra.utils import get_class, instantiate
 
+from covidqu.errors import CheckpointError, MissingFileError
 from covidqu.models.base import CXRModule
 
 #: Keys of a network config that ask for pretrained weights; loading a checkpoint sets them to
@@ -24,15 +25,11 @@ from covidqu.models.base import CXRModule
 _WEIGHT_KEYS = ("encoder_weights", "weights")
 
 
-class CheckpointError(ValueError):
-    """A file that is not a usable covidqu checkpoint."""
-
-
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The raw checkpoint dict; a clear error for a missing or foreign file."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"ckpt_path={p} does not exist; pass a run's checkpoints/best.ckpt")
+        raise MissingFileError(f"ckpt_path={p} does not exist; pass a run's checkpoints/best.ckpt")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file: say which

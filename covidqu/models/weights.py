@@ -30,6 +30,8 @@ import torch
 from timm.models import adapt_input_conv, load_state_dict
 from torch import nn
 
+from covidqu.errors import ConfigError, MissingFileError, UserError
+
 #: The config key through which every config passes the weights.
 WEIGHTS_KEY = "encoder.weights"
 
@@ -47,7 +49,7 @@ _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.", "net.", "backbone.")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights were asked for by name but could not be downloaded.
 
     Raised instead of silently starting from random weights. The message names the two ways out:
@@ -62,7 +64,7 @@ def parse_weights(weights: Any) -> tuple[str, Any]:
     if weights is True:
         return "named", "imagenet"
     if not isinstance(weights, str | os.PathLike):
-        raise ValueError(f"{WEIGHTS_KEY} must be null, a weight name or a path; got {weights!r}.")
+        raise ConfigError(f"{WEIGHTS_KEY} must be null, a weight name or a path; got {weights!r}.")
     text = os.fspath(weights).strip()
     path = Path(text).expanduser()
     if isinstance(weights, str) and not path.is_file():
@@ -72,7 +74,7 @@ def parse_weights(weights: Any) -> tuple[str, Any]:
             return "named", text
     if not path.is_file():
         state = "is a directory" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{WEIGHTS_KEY}={path}: the weights file {state}. Point {WEIGHTS_KEY} at a state dict "
             f"file (.pth, .pt, .bin, .ckpt or .safetensors), or use {WEIGHTS_KEY}=imagenet "
             f"(download) or {WEIGHTS_KEY}=null (random init)."
@@ -89,7 +91,7 @@ def smp_weights(encoder_name: str, weights: str) -> tuple[str, str | bool]:
     except KeyError:  # timm- names that smp converts to tu- itself
         return encoder_name, True
     if weights not in settings:
-        raise ValueError(
+        raise ConfigError(
             f"{WEIGHTS_KEY}={weights}: encoder '{encoder_name}' has no such pretrained weights. "
             f"Available: {', '.join(settings) or 'none'}; or {_FIX}."
         )
@@ -101,7 +103,7 @@ def timm_pretrained_name(timm_name: str, weights: str) -> str:
     base, _, tag = timm_name.partition(".")
     if weights.lower() != "imagenet":
         if tag and tag != weights:
-            raise ValueError(
+            raise ConfigError(
                 f"{WEIGHTS_KEY}={weights} conflicts with the pretrained tag in '{timm_name}'; "
                 f"use {WEIGHTS_KEY}=imagenet to take the tag from the name."
             )
@@ -109,12 +111,14 @@ def timm_pretrained_name(timm_name: str, weights: str) -> str:
     full = f"{base}.{tag}" if tag else base
     if tag and full not in timm.list_pretrained(full):
         tags = ", ".join(n.partition(".")[2] for n in timm.list_pretrained(f"{base}.*"))
-        raise ValueError(
+        raise ConfigError(
             f"{WEIGHTS_KEY}={weights}: timm model '{base}' has no pretrained weights '{tag}'. "
             f"Available tags: {tags or 'none'}; or {WEIGHTS_KEY}=imagenet (the default), {_FIX}."
         )
     if not tag and not timm.models.is_model_pretrained(base):
-        raise ValueError(f"{WEIGHTS_KEY}=imagenet: '{base}' has no pretrained weights. Use {_FIX}.")
+        raise ConfigError(
+            f"{WEIGHTS_KEY}=imagenet: '{base}' has no pretrained weights. Use {_FIX}."
+        )
     return full
 
 
@@ -135,23 +139,23 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as err:
         if pickle.UnpicklingError not in (type(err), type(err.__cause__)):
-            raise ValueError(f"{WEIGHTS_KEY}={path}: cannot read a state dict: {err}") from err
-        raise ValueError(
+            raise ConfigError(f"{WEIGHTS_KEY}={path}: cannot read a state dict: {err}") from err
+        raise ConfigError(
             f"{WEIGHTS_KEY}={path}: the file holds Python objects besides tensors, and weights "
             f"files load with weights_only=True only (unpickling objects could run code). Save "
             f"the weights alone instead: torch.save(net.state_dict(), path)."
         ) from err
     tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError(
+        raise ConfigError(
             f"{WEIGHTS_KEY}={path}: the file holds no state dict (parameter names mapped to "
             f"tensors, plain or under 'state_dict' / 'model')."
         )
     return tensors
 
 
-def _misfit(path: Path, what: str, problems: list[str]) -> ValueError:
-    return ValueError(
+def _misfit(path: Path, what: str, problems: list[str]) -> ConfigError:
+    return ConfigError(
         f"{WEIGHTS_KEY}={path} does not fit {what}: {'; '.join(problems)}. The file must hold the "
         f"weights of the same encoder / model (e.g. saved with torch.save(net.state_dict(), path) "
         f"from a network built with the same name); or use {WEIGHTS_KEY}=imagenet or null."

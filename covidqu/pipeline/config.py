@@ -10,12 +10,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from covidqu.data.synth import ensure_synthetic
+from covidqu.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config that cannot work, with the keys to change."""
 
 
 def split_override(item: str) -> tuple[str, str]:
