@@ -5,7 +5,8 @@ timm tag), downloaded by smp / timm, where a failed download raises
 :class:`WeightsUnavailableError` and never falls back to random weights, or a local file.
 
 A weights file is a state dict, plain or under ``"state_dict"`` / ``"model"``, read as timm reads
-it and always with ``weights_only=True`` (a file holding arbitrary Python objects is refused).
+it and always with ``weights_only=True``: a file holding other Python objects is refused with a
+:class:`~covidqu.errors.CheckpointError`, since unpickling them could run code.
 timm models (classifiers, ``tu-`` encoders) load it through timm's own ``pretrained_cfg_overlay=
 dict(file=...)``, which adapts the first convolution to the input channels, resamples ViT
 position embeddings and drops a head made for another number of classes. smp's native encoders
@@ -19,7 +20,6 @@ resnet18), else a ValueError names the file and the keys.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,17 @@ from timm.models import adapt_input_conv, load_state_dict
 from torch import nn
 
 from covidqu.errors import ConfigError, MissingFileError, UserError
+from covidqu.models.checkpoint import refused_as_unsafe, unsafe_file_error
 
 #: The config key through which every config passes the weights.
 WEIGHTS_KEY = "encoder.weights"
 
 
 _FIX = f"{WEIGHTS_KEY}=null (random init) or {WEIGHTS_KEY}=/path/to/state_dict.pth (a local file)"
+
+
+#: How to turn a trusted weights file that holds Python objects into one that loads safely.
+_RESAVE_WEIGHTS = "Save the weights alone instead: torch.save(net.state_dict(), path)."
 
 
 _NO_WEIGHTS = frozenset({"", "none", "null"})
@@ -138,13 +143,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as err:
-        if pickle.UnpicklingError not in (type(err), type(err.__cause__)):
+        if not refused_as_unsafe(err):
             raise ConfigError(f"{WEIGHTS_KEY}={path}: cannot read a state dict: {err}") from err
-        raise ConfigError(
-            f"{WEIGHTS_KEY}={path}: the file holds Python objects besides tensors, and weights "
-            f"files load with weights_only=True only (unpickling objects could run code). Save "
-            f"the weights alone instead: torch.save(net.state_dict(), path)."
-        ) from err
+        raise unsafe_file_error(WEIGHTS_KEY, path, _RESAVE_WEIGHTS) from err
     tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ConfigError(

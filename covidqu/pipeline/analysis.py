@@ -59,8 +59,8 @@ class Stages:
 def load_stages(lung_ckpt: str | None, infection_ckpt: str, device: str) -> Stages:
     """The two stages' modules; a missing ``lung_ckpt`` takes the lung from the infection model,
     which must then have been trained with ``data.target=infection_multiclass``."""
-    infection = load_module(infection_ckpt, map_location=device)
-    lung = load_module(lung_ckpt, map_location=device) if lung_ckpt else infection
+    infection = load_module(infection_ckpt, map_location=device, key="infection_ckpt")
+    lung = load_module(lung_ckpt, map_location=device, key="lung_ckpt") if lung_ckpt else infection
     lung_classes = ", ".join(getattr(lung, "class_names", ()))
     if "lung" not in getattr(lung, "class_names", ()):
         raise ValueError(

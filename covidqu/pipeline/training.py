@@ -3,7 +3,9 @@
 :func:`train` builds the DataModule, network, loss, metrics and LightningModule from the config
 (everything through ``hydra.utils.instantiate``), fits, validates and tests the best checkpoint,
 and writes ``metrics.json`` into the run folder. It returns the monitored value, so Hydra's
-sweepers can optimise it.
+sweepers can optimise it. Every checkpoint it reads (the one it resumes from, the best one it
+scores) Lightning reads with ``weights_only=True``: a file that would unpickle other Python
+objects is refused with a :class:`~covidqu.errors.CheckpointError`, its code never run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidqu.constants import CLASSES
 from covidqu.data.layout import DataError
+from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
 from covidqu.pipeline import outputs
 from covidqu.pipeline.config import (
     apply_synthetic_defaults,
@@ -172,8 +176,15 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     log_config(loggers, cfg)
+    resume = resume_path(cfg, out_dir)
+    fix = RESAVE_CHECKPOINT
+    if resume and not cfg.get("ckpt_path"):
+        fix += " Or set auto_resume=false to train afresh instead of resuming from it."
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+        # Lightning reads the checkpoint it resumes from with torch.load(weights_only=True)
+        # when asked: a file that would unpickle other objects is refused, never run.
+        with refusing_unsafe("ckpt_path", resume, fix):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         if trainer.interrupted:
             raise KeyboardInterrupt(
                 f"training was interrupted; checkpoints so far are in {out_dir}"
@@ -200,10 +211,10 @@ def _final_metrics(
     if best is None and not trainer.fast_dev_run:
         log.warning("no best checkpoint was recorded; final figures use the last weights")
     figures: dict[str, Any] = {}
-    figures.update(_first(trainer.validate(module, datamodule=datamodule, ckpt_path=best)))
+    figures.update(_score_best(trainer.validate, module, datamodule, best))
     if cfg.get("test", True):
         if _has_split(datamodule, "test"):
-            figures.update(_first(trainer.test(module, datamodule=datamodule, ckpt_path=best)))
+            figures.update(_score_best(trainer.test, module, datamodule, best))
             outputs.write_test_outputs(module, out_dir)
         else:
             log.warning("no test split under %s: test figures are skipped", cfg.data.root)
@@ -227,6 +238,15 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
         if getattr(callback, "monitor", None) is not None and path:
             return path
     return None
+
+
+def _score_best(
+    stage: Callable[..., list[Any]], module: pl.LightningModule, datamodule: Any, best: str | None
+) -> dict[str, float]:
+    """``trainer.validate`` or ``trainer.test`` (``stage``) of the best checkpoint, which
+    Lightning reads with ``weights_only=True`` like every checkpoint."""
+    with refusing_unsafe("ckpt_path", best):
+        return _first(stage(module, datamodule=datamodule, ckpt_path=best, weights_only=True))
 
 
 def _first(results: list[dict[str, float]]) -> dict[str, float]:
