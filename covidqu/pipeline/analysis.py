@@ -25,6 +25,7 @@ from covidqu.analysis.severity import GRADES, check_cutoffs, grade, infected_sha
 from covidqu.constants import COVID
 from covidqu.data.layout import DataError, Sample, scan
 from covidqu.data.readers import PngReader
+from covidqu.errors import ConfigError
 from covidqu.models.checkpoint import load_module
 from covidqu.models.figures import caption, tint
 from covidqu.pipeline import outputs
@@ -63,7 +64,7 @@ def load_stages(lung_ckpt: str | None, infection_ckpt: str, device: str) -> Stag
     lung = load_module(lung_ckpt, map_location=device) if lung_ckpt else infection
     lung_classes = ", ".join(getattr(lung, "class_names", ()))
     if "lung" not in getattr(lung, "class_names", ()):
-        raise ValueError(
+        raise ConfigError(
             f"lung_ckpt={lung_ckpt} predicts {lung_classes}, not the lung: give a task=lung "
             "checkpoint"
             if lung_ckpt
@@ -72,7 +73,7 @@ def load_stages(lung_ckpt: str | None, infection_ckpt: str, device: str) -> Stag
             "checkpoint trained with data.target=infection_multiclass"
         )
     if "infection" not in getattr(infection, "class_names", ()):
-        raise ValueError(
+        raise ConfigError(
             f"infection_ckpt={infection_ckpt} predicts "
             f"{', '.join(getattr(infection, 'class_names', ()))}, not the infection: give a "
             "task=infection checkpoint"
@@ -238,16 +239,16 @@ def score(
 def analyze(cfg: DictConfig) -> dict[str, Any]:
     """Run the analysis the config asks for; return the figures (scored) or a summary."""
     if not cfg.get("infection_ckpt"):
-        raise ValueError(
+        raise ConfigError(
             "infection_ckpt is required: python -m covidqu.analyze lung_ckpt=LUNG.ckpt "
             "infection_ckpt=INF.ckpt input=FILE_OR_DIR (or data.root=ROOT split=test), or "
             "infection_ckpt alone for a model trained with data.target=infection_multiclass"
         )
-    out = Path(cfg.output or cfg.paths.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     cfg.device = device
     stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, device)
+    out = Path(cfg.output or cfg.paths.output_dir).expanduser()  # made once the models fit
+    out.mkdir(parents=True, exist_ok=True)
     fixed = cfg.detect.get("threshold")
 
     if cfg.get("input"):
@@ -279,7 +280,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
             [r["covid_score"] for r in tuning], [r["true_covid"] for r in tuning]
         )
     else:
-        raise ValueError(
+        raise ConfigError(
             f"split={split}: the detection threshold is tuned on another split "
             f"({', '.join(f'{k} on {v}' for k, v in TUNING_SPLIT.items())}); give "
             "detect.threshold=<percent of the lung> to score this one"

@@ -256,6 +256,19 @@ def check_file(path: Any, key: str, what: str) -> Path:
     return p
 
 
+def check_checkpoint(path: Any, key: str) -> dict[str, Any]:
+    """The recipe of the covidqu checkpoint named by ``key`` (read safely, never unpickled)."""
+    from covidqu.models.checkpoint import read_checkpoint
+
+    check_file(path, key, "a run's checkpoints/best.ckpt")
+    try:
+        return read_checkpoint(path)["covidqu"]
+    except UserError as err:  # its message names ckpt_path=; the command may call it otherwise
+        if key == "ckpt_path":
+            raise
+        raise type(err)(str(err).replace("ckpt_path=", f"{key}=", 1)) from err
+
+
 # -- resuming ----------------------------------------------------------------------------------
 
 
@@ -361,6 +374,11 @@ def check_train(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] | None 
         with user_errors():
             datamodule = instantiate(cfg.data)
         datamodule.scan()  # lists folders only: the tree, not a pixel
+    weights = _value(cfg, "encoder.weights")
+    if weights is not _MISSING:
+        from covidqu.models.weights import parse_weights
+
+        parse_weights(weights)  # a weights file must exist
     check_resume(cfg, out_dir)
 
 
@@ -370,8 +388,13 @@ def _check_eval(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> Non
         raise ConfigError(
             "ckpt_path is required: python -m covidqu.eval ckpt_path=RUN/checkpoints/best.ckpt"
         )
-    check_file(cfg.ckpt_path, "ckpt_path", "a run's checkpoints/best.ckpt")
+    recipe = check_checkpoint(cfg.ckpt_path, "ckpt_path")
     check_output_dir(out_dir, "hydra.run.dir")
+    from covidqu.pipeline.evaluation import datamodule_for
+
+    with user_errors():
+        datamodule = datamodule_for(recipe["preprocess"], cfg.data.get("root"))
+    datamodule.split_samples(cfg.split)  # the tree, and the split in it
 
 
 def _check_predict(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> None:
@@ -382,7 +405,7 @@ def _check_predict(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
                 f"{key} is required: python -m covidqu.predict ckpt_path=RUN/checkpoints/best.ckpt "
                 "input=IMAGE_OR_FOLDER output=OUT_FOLDER"
             )
-    check_file(cfg.ckpt_path, "ckpt_path", "a run's checkpoints/best.ckpt")
+    check_checkpoint(cfg.ckpt_path, "ckpt_path")
     if not Path(str(cfg.input)).expanduser().exists():
         raise MissingFileError(f"input={cfg.input} does not exist; give an image file or a folder")
     check_output_dir(cfg.output, "output")
@@ -390,9 +413,14 @@ def _check_predict(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
 
 def _check_analyze(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> None:
     check_values(cfg, "analyze")
+    if not cfg.get("infection_ckpt"):
+        raise ConfigError(
+            "infection_ckpt is required: python -m covidqu.analyze lung_ckpt=LUNG.ckpt "
+            "infection_ckpt=INF.ckpt input=FILE_OR_DIR (or data.root=ROOT split=test)"
+        )
     for key in ("lung_ckpt", "infection_ckpt"):
         if cfg.get(key):
-            check_file(cfg[key], key, f"a task={key.split('_')[0]} run's checkpoints/best.ckpt")
+            check_checkpoint(cfg[key], key)
     if cfg.get("input") and not Path(str(cfg.input)).expanduser().exists():
         raise MissingFileError(f"input={cfg.input} does not exist; give an image file or a folder")
     if cfg.get("output"):

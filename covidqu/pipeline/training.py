@@ -114,7 +114,9 @@ def train(cfg: DictConfig) -> float | None:
         apply_synthetic_defaults(cfg)
         check_train(cfg, out_dir)
     except UserError as err:
-        if in_sweep():
+        if in_sweep():  # Hydra has made the job's folder already: say there why it stopped
+            out_dir.mkdir(parents=True, exist_ok=True)
+            outputs.write_failure(out_dir, err, "", time.time() - started)
             log.error("this job was refused (%s); the sweep goes on", err)
             return _worst(cfg)
         raise
