@@ -136,7 +136,9 @@ class CXRModule(pl.LightningModule):
         """Add a batch to the metrics of ``stage``: the logits against the batch's target."""
         self.stage_metrics(stage).update(logits, batch[self.target_key])
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> Tensor | None:
+        if batch is None:  # every sample unreadable and skipped: Lightning skips the step
+            return None
         _, loss = self._step(batch, "train")
         if loss is None:
             raise RuntimeError("training needs a loss: the module was built without one")
@@ -148,10 +150,14 @@ class CXRModule(pl.LightningModule):
             )
         return loss
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
         self._step(batch, "val")
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
         logits, _ = self._step(batch, "test")
         self.record_test_batch(batch, logits.detach())
 
