@@ -14,7 +14,8 @@ Batch contract (one sample; the DataLoader stacks them):
 ``id``     str, the image's file name without its extension.
 
 A loader gives ``None`` in place of a batch whose every sample was left out (unreadable files,
-``data.on_bad_file=skip``): the module skips that step.
+``data.on_bad_file=skip``): Lightning skips such a training step, a module's validation and
+test steps skip it themselves.
 """
 
 from __future__ import annotations

@@ -114,6 +114,10 @@ def test_skip_leaves_bad_samples_out_and_gives_none_for_an_all_bad_batch(synth_c
     assert set(dm.skipped_files()) == broken
     for path in broken:
         assert sum(path in r.getMessage() for r in caplog.records) == 1, path
+    for s in samples:  # nothing readable at all (an unmounted drive): no point going on
+        break_file(s.image, "empty")
+    with pytest.raises(BadFileError, match="no file of the val split could be read"):
+        list(dm.val_dataloader())
 
 
 def test_a_bad_file_read_in_a_worker_raises_one_clean_error(synth_copy):
@@ -183,6 +187,7 @@ def test_batches_with_no_readable_sample_are_skipped(synth_copy, tmp_path):
     assert read_metrics(out)["skipped_files"] == len(broken)
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert 1 <= last["global_step"] <= 2  # the step of the all-bad batch was skipped
+    assert (out / "checkpoints" / "best.ckpt").is_file()  # the epoch still ended in validation
     listed = (out / "skipped_files.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in listed) == sorted(map(str, broken))
 

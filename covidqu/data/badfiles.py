@@ -119,10 +119,11 @@ class BadFileLoader(DataLoader):
     good samples and hands the bad ones to ``bad_files`` (which may raise).
 
     A batch with no good sample is yielded as ``None`` (see the batch contract in
-    :mod:`covidqu.constants`): its step is skipped, and the loader keeps its length, which
-    Lightning's loops count on (validation runs after the last of ``len(loader)`` batches).
-    Under DDP a skipped training step would leave the processes on different steps (a hang),
-    so there it stops with an error instead.
+    :mod:`covidqu.constants`): Lightning skips a ``None`` training batch itself, our modules
+    skip it in evaluation, and the loader keeps its length, which Lightning's loops count on
+    (validation runs after the last of ``len(loader)`` batches). Under DDP a skipped training
+    step would leave the processes on different steps (a hang), so there it stops with an
+    error instead.
 
     Args:
         bad_files: the log that decides and records (shared by a DataModule's splits).
@@ -147,22 +148,22 @@ class BadFileLoader(DataLoader):
         self.training = training
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        yielded, first_bad = 0, None
-        for batch, bad in super().__iter__():
+        last, yielded = len(self) - 1, 0
+        for i, (batch, bad) in enumerate(super().__iter__()):
             if bad:
                 self.bad_files.handle(bad, self.split)
-                first_bad = first_bad or bad[0]
-            if batch is None:
-                self._check_skippable(bad)
-            else:
+            if batch is not None:
                 yielded += 1
+            elif i == last and yielded == 0:
+                # Checked at the last batch: Lightning never asks for one past len(loader).
+                raise BadFileError(
+                    f"no file of the {self.split} split could be read during the run (e.g. "
+                    f"{bad[0].problem}): is data.root still there (an unmounted or emptied "
+                    "drive)? Restore the files and start again."
+                )
+            else:
+                self._check_skippable(bad)
             yield batch
-        if yielded == 0 and first_bad is not None:
-            raise BadFileError(
-                f"no file of the {self.split} split could be read during the run (e.g. "
-                f"{first_bad.problem}): is data.root still there (an unmounted or emptied "
-                "drive)? Restore the files and start again."
-            )
 
     def _check_skippable(self, bad: Sequence[BadFile]) -> None:
         dist = torch.distributed

@@ -136,9 +136,7 @@ class CXRModule(pl.LightningModule):
         """Add a batch to the metrics of ``stage``: the logits against the batch's target."""
         self.stage_metrics(stage).update(logits, batch[self.target_key])
 
-    def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> Tensor | None:
-        if batch is None:  # every sample unreadable and skipped: Lightning skips the step
-            return None
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         _, loss = self._step(batch, "train")
         if loss is None:
             raise RuntimeError("training needs a loss: the module was built without one")
@@ -151,6 +149,7 @@ class CXRModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        # A None batch (no readable sample): Lightning skips it in training, not in evaluation.
         if batch is None:
             return
         self._step(batch, "val")
