@@ -89,8 +89,8 @@ def skipped_files(datamodule: Any, out_dir: Path) -> dict[str, int]:
 
     A collective under DDP (the files of every process count): every process must call it.
     """
-    log = getattr(datamodule, "bad_files", None)
-    if log is None or log.policy != "skip":
+    bad = getattr(datamodule, "bad_files", None)
+    if bad is None or bad.policy != "skip":
         return {}
     skipped = datamodule.skipped_files()
     _write_skipped(out_dir, skipped)
