@@ -148,10 +148,15 @@ class CXRModule(pl.LightningModule):
             )
         return loss
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        # A None batch (no readable sample): Lightning skips it in training, not in evaluation.
+        if batch is None:
+            return
         self._step(batch, "val")
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
         logits, _ = self._step(batch, "test")
         self.record_test_batch(batch, logits.detach())
 

@@ -25,6 +25,7 @@ def datamodule_for(
     batch_size: int = 32,
     num_workers: int = 4,
     limit_per_class: Any = None,
+    on_bad_file: str = "error",
 ) -> pl.LightningDataModule:
     """The DataModule a checkpoint was trained with, on ``root`` (else its training root).
 
@@ -43,6 +44,7 @@ def datamodule_for(
         num_workers=num_workers,
         limit_per_class=limit_per_class,
         augment=None,
+        on_bad_file=on_bad_file,
     )
 
 
@@ -66,6 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         limit_per_class=cfg.data.get("limit_per_class"),
+        on_bad_file=cfg.data.get("on_bad_file", "error"),
     )
     datamodule.setup({"test": "test", "val": "validate", "train": "fit"}[split])
     loader = datamodule.dataloader(split)
@@ -86,6 +89,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics["checkpoint"] = str(Path(cfg.ckpt_path).expanduser().resolve())
     metrics["split"] = split
     metrics["images"] = len(module.test_records)
+    metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
     outputs.write_metrics(out_dir, metrics)
     outputs.write_test_outputs(module, out_dir)
     log.info("evaluated %d %s images; outputs in %s", len(module.test_records), split, out_dir)

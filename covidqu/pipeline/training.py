@@ -190,6 +190,7 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
                 f"training was interrupted; checkpoints so far are in {out_dir}"
             )
         metrics = _final_metrics(cfg, trainer, module, datamodule, out_dir)
+        metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
     finally:
         finish_loggers(loggers)
     metrics["duration_s"] = round(time.time() - started, 1)
