@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from covidqu.errors import ConfigError
 from covidqu.pipeline import analysis
 from covidqu.pipeline.analysis import analyze
 from covidqu.pipeline.evaluation import evaluate
@@ -74,7 +75,8 @@ def pngs(folder: Path) -> dict[str, np.ndarray]:
 
 def assert_same_pictures(single: Path, ddp: Path) -> None:
     a, b = pngs(single), pngs(ddp)
-    assert a and a.keys() == b.keys()
+    assert a, f"no pictures in {single}"
+    assert sorted(a) == sorted(b)
     for name in a:  # the same predictions drawn the same way
         assert np.abs(a[name].astype(int) - b[name].astype(int)).max() <= 1, name
 
@@ -144,3 +146,17 @@ def test_analyze_files_on_two_processes(multiclass_ckpt, synth_root, tmp_path):
     assert_same_rows(read_csv(one / analysis.ANALYSIS_FILE), rows)
     assert len(pngs(two)) == 6 * 3  # lung mask, infection mask and overlay of each image
     assert_same_pictures(one, two)
+
+
+def test_one_device_by_default_and_the_older_device_key(tmp_path):
+    for name in ("eval", "analyze"):
+        trainer = compose_config(name, ["ckpt_path=x"] if name == "eval" else [], tmp_path).trainer
+        assert (trainer.accelerator, trainer.devices, trainer.num_nodes) == ("auto", 1, 1), name
+    # analyze's device=... names one device, in place of the trainer group
+    cfg = compose_config("analyze", ["trainer=ddp_cpu", "device=cuda:1"], tmp_path)
+    trainer = analysis.trainer_config(cfg)
+    assert (trainer.accelerator, list(trainer.devices), trainer.strategy) == ("gpu", [1], "auto")
+    cfg = compose_config("analyze", ["trainer=ddp_cpu"], tmp_path)  # device=auto: the group's
+    assert analysis.trainer_config(cfg).devices == 2
+    with pytest.raises(ConfigError, match=r"device=gpu0 .*cuda:N"):
+        analysis.trainer_config(compose_config("analyze", ["device=gpu0"], tmp_path))

@@ -6,6 +6,10 @@ the severity, the severity is graded, and an image whose infected share reaches 
 threshold is called COVID-19. On any images (``input=``) it writes masks, overlays and
 ``analysis.csv``; on a split of the infection subset it also scores every step against the
 ground truth (``metrics.json``, plots), choosing the detection threshold on another split.
+
+It runs through a Lightning Trainer from the ``trainer`` group, as ``train`` and ``eval`` do: on
+several processes (``trainer=ddp_cpu``) each analyses its share of the images, and the files
+are those of one process, every image once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -78,7 +83,9 @@ def load_stages(lung_ckpt: str | None, infection_ckpt: str, device: str) -> Stag
     return Stages(lung=lung, infection=infection)
 
 
-def segment(stages: Stages, images: Sequence[np.ndarray], device: str) -> list[tuple[Any, Any]]:
+def segment(
+    stages: Stages, images: Sequence[np.ndarray], device: str | torch.device
+) -> list[tuple[Any, Any]]:
     """The predicted lung and infection masks (bool, at each image's own size); the infection
     is kept inside the lung."""
     probs = {id(m): probabilities(m, images, device) for m in stages.modules()}
