@@ -22,9 +22,10 @@ import albumentations as A
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import WeightedRandomSampler
 
 from covidqu.constants import SPLITS, subset_targets
+from covidqu.data.badfiles import BadFileLoader, BadFileLog
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
 from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
 from covidqu.data.readers import SampleReader, build_reader
@@ -113,6 +114,9 @@ class COVIDQUDataModule(pl.LightningDataModule):
         seed: seed of the per-class cap and of the balanced sampler.
         drop_last: drop the last incomplete training batch (a batch of one breaks batch
             norm), unless the split is smaller than one batch.
+        on_bad_file: what a file that cannot be read during the run does: ``error`` stops the
+            run naming it, ``skip`` leaves the sample out of its batch and goes on (see
+            :mod:`covidqu.data.badfiles`; :meth:`skipped_files` lists them).
     """
 
     subset: ClassVar[str]
@@ -135,6 +139,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         reader: str | SampleReader = "png",
         seed: int = 0,
         drop_last: bool = True,
+        on_bad_file: str = "error",
     ) -> None:
         super().__init__()
         target = target or self.targets[0]
@@ -163,6 +168,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         self.reader = build_reader(reader)
         self.seed = seed
         self.drop_last = drop_last
+        self.bad_files = BadFileLog(on_bad_file)
         build_transform(image_size)  # validate the size now, not in a worker
         self.index: Index | None = None
         self.datasets: dict[str, CXRDataset] = {}
@@ -235,11 +241,12 @@ class COVIDQUDataModule(pl.LightningDataModule):
             reader=self.reader,
             mean=self.mean,
             std=self.std,
+            mark_bad_files=True,
         )
 
     # -- loaders -------------------------------------------------------------------------------
 
-    def dataloader(self, split: str, train: bool = False) -> DataLoader:
+    def dataloader(self, split: str, train: bool = False) -> BadFileLoader:
         """The loader of any split; ``train`` shuffles (or balances) and drops the last batch
         as configured, otherwise order is kept."""
         if split not in self.datasets:
@@ -259,7 +266,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         if workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
             kwargs["prefetch_factor"] = 4
-        return DataLoader(
+        return BadFileLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train and sampler is None,
@@ -267,19 +274,27 @@ class COVIDQUDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=train and self.drop_last and len(ds) > self.batch_size,
+            bad_files=self.bad_files,
+            split=split,
+            training=train,
             **kwargs,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def skipped_files(self) -> dict[str, str]:
+        """The files left out so far (``on_bad_file=skip``), path -> what was wrong, over all
+        processes of a distributed run (every process must call it)."""
+        return self.bad_files.skipped()
+
+    def train_dataloader(self) -> BadFileLoader:
         return self.dataloader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> BadFileLoader:
         return self.dataloader("val", train=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> BadFileLoader:
         return self.dataloader("test", train=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> BadFileLoader:
         return self.dataloader("test", train=False)
 
 

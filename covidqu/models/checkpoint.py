@@ -31,7 +31,7 @@ from covidqu.models.base import CXRModule
 
 #: Keys of a network config that ask for pretrained weights; loading a checkpoint sets them to
 #: ``None`` because the checkpoint's own weights replace them (and no download is attempted).
-_WEIGHT_KEYS = ("encoder_weights", "weights")
+WEIGHT_KEYS = ("encoder_weights", "weights")
 
 
 #: How to turn a trusted checkpoint that holds Python objects into one that loads safely.
@@ -121,7 +121,7 @@ def read_checkpoint(path: str | os.PathLike[str], key: str = "ckpt_path") -> dic
 def build_from_recipe(recipe: dict[str, Any]) -> CXRModule:
     """A module with freshly built network, loss and metrics as described by ``recipe``."""
     net_cfg = copy.deepcopy(recipe["net"])
-    for key in _WEIGHT_KEYS:
+    for key in WEIGHT_KEYS:
         if key in net_cfg:
             net_cfg[key] = None
     net = instantiate(net_cfg)

@@ -19,14 +19,19 @@ resnet18), else a ValueError names the file and the keys.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+import socket
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import getproxies
 
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
 from timm.models import adapt_input_conv, load_state_dict
 from torch import nn
 
@@ -127,14 +132,48 @@ def timm_pretrained_name(timm_name: str, weights: str) -> str:
     return full
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub, where smp and timm download named weights, answers.
+
+    Behind a proxy the Hub is reached through it, which a direct probe would miss: assume yes.
+    """
+    if getproxies().get("https"):
+        return True
+    host = urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def downloads_fail_fast() -> Iterator[None]:
+    """Named weights that are not in the local cache fail at once where the Hub is unreachable.
+
+    Left alone, huggingface_hub retries each request with back-off for half a minute or more
+    before giving up. ``HF_HUB_OFFLINE`` is read once, when huggingface_hub is imported, so its
+    module value is what switches the cache-only mode on here, for this block only.
+    """
+    if _hub_reachable():
+        yield
+        return
+    before = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = before
+
+
 def weights_error(source: str, asked: Any, what: str) -> Callable[[Exception], Exception]:
     """The error for named weights that failed to download, or a file that failed to load."""
     if source == "file":
         return lambda err: _misfit(asked, what, [f"{type(err).__name__}: {err}"])
     return lambda err: WeightsUnavailableError(
         f"Pretrained weights {WEIGHTS_KEY}={asked} for {what} could not be downloaded or loaded "
-        f"({type(err).__name__}: {err}). Without internet access (set HF_HUB_OFFLINE=1 to fail "
-        f"fast), use {_FIX}, e.g. one downloaded on a machine with internet access."
+        f"({type(err).__name__}: {err}). Without internet access, use {_FIX}, e.g. one "
+        f"downloaded on a machine with internet access."
     )
 
 

@@ -23,15 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidqu.constants import CLASSES
 from covidqu.data.layout import DataError
+from covidqu.errors import UserError
 from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
+from covidqu.models.networks import check_input_size
 from covidqu.pipeline import outputs
-from covidqu.pipeline.config import (
-    apply_synthetic_defaults,
-    check_config,
-    print_config,
-)
+from covidqu.pipeline.config import apply_synthetic_defaults, print_config
 from covidqu.pipeline.distributed import job_scope, use_job_command_for_ddp
 from covidqu.pipeline.loggers import finish_loggers, log_config
+from covidqu.pipeline.preflight import check_resume, check_train
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +75,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """The DataModule and LightningModule a config describes."""
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
+    check_input_size(net, datamodule.image_size)
     loss = instantiate(cfg.loss)
     metrics = instantiate(cfg.module.metrics)
     module = instantiate(
@@ -113,12 +113,20 @@ def train(cfg: DictConfig) -> float | None:
     non-zero. Outside a sweep the error is raised.
     """
     out_dir = Path(cfg.paths.output_dir)
+    started = time.time()
+    try:  # cheap checks first; a refused run writes nothing, not even into its folder
+        apply_synthetic_defaults(cfg)
+        check_train(cfg, out_dir)
+    except UserError as err:
+        if in_sweep():  # Hydra has made the job's folder already: say there why it stopped
+            out_dir.mkdir(parents=True, exist_ok=True)
+            outputs.write_failure(out_dir, err, "", time.time() - started)
+            log.error("this job was refused (%s); the sweep goes on", err)
+            return _worst(cfg)
+        raise
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs.clear_failure(out_dir)  # an earlier attempt's note: this attempt decides anew
-    started = time.time()
     try:
-        apply_synthetic_defaults(cfg)
-        check_config(cfg)
         with job_scope():
             return _train(cfg, out_dir, started)
     except Exception as err:
@@ -130,11 +138,15 @@ def train(cfg: DictConfig) -> float | None:
                 err,
                 out_dir / outputs.FAILURE_FILE,
             )
-            return float("-inf") if cfg.task.get("monitor_mode") == "max" else float("inf")
+            return _worst(cfg)
         raise
     except BaseException as err:  # interrupted: record it, then stop as asked
         outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
         raise
+
+
+def _worst(cfg: DictConfig) -> float:
+    return float("-inf") if cfg.task.get("monitor_mode") == "max" else float("inf")
 
 
 def in_sweep() -> bool:
@@ -149,18 +161,17 @@ def in_sweep() -> bool:
 
 
 def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
-    """``ckpt_path`` if given; else the run folder's own ``last.ckpt`` when ``auto_resume``.
+    """``ckpt_path`` if given; else the run folder's own ``last.ckpt`` when ``auto_resume``;
+    either only when it was written by this config (:func:`~covidqu.pipeline.preflight.
+    check_resume`).
 
     A job requeued by Slurm after preemption or a timeout starts again in the same folder:
     it continues from its last checkpoint instead of from scratch.
     """
-    if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    last = out_dir / "checkpoints" / "last.ckpt"
-    if cfg.get("auto_resume", True) and last.is_file():
-        log.warning("resuming from %s (auto_resume=true; set auto_resume=false to restart)", last)
-        return str(last)
-    return None
+    path = check_resume(cfg, out_dir)
+    if path is not None and not cfg.get("ckpt_path"):
+        log.warning("resuming from %s (auto_resume=true; set auto_resume=false to restart)", path)
+    return None if path is None else str(path)
 
 
 def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
@@ -190,6 +201,7 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
                 f"training was interrupted; checkpoints so far are in {out_dir}"
             )
         metrics = _final_metrics(cfg, trainer, module, datamodule, out_dir)
+        metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
     finally:
         finish_loggers(loggers)
     metrics["duration_s"] = round(time.time() - started, 1)
