@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidqu.constants import CLASSES
 from covidqu.data.layout import DataError
+from covidqu.errors import RunInterrupted
 from covidqu.pipeline import outputs
 from covidqu.pipeline.config import (
     apply_synthetic_defaults,
@@ -27,7 +28,8 @@ from covidqu.pipeline.config import (
     print_config,
 )
 from covidqu.pipeline.distributed import job_scope, use_job_command_for_ddp
-from covidqu.pipeline.loggers import finish_loggers, log_config
+from covidqu.pipeline.interrupts import StopOnSignal, interrupted
+from covidqu.pipeline.loggers import CSVResume, finish_loggers, log_config
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,9 @@ def train(cfg: DictConfig) -> float | None:
     checkpoints and logs the run left. In a sweep the failed job returns the worst possible
     value (-inf when maximising, +inf when minimising) so that the other jobs go on and an
     Optuna search moves away from it; the sweep's summary then reports the failure and exits
-    non-zero. Outside a sweep the error is raised.
+    non-zero. Outside a sweep the error is raised. SIGTERM or Ctrl-C raises
+    :class:`~covidqu.errors.RunInterrupted` (in a sweep too: the whole sweep stops), after
+    saving the state of that moment as ``checkpoints/last.ckpt`` when training was under way.
     """
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +121,9 @@ def train(cfg: DictConfig) -> float | None:
         check_config(cfg)
         with job_scope():
             return _train(cfg, out_dir, started)
+    except RunInterrupted as err:
+        outputs.write_failure(out_dir, err, "", time.time() - started)
+        raise
     except Exception as err:
         outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
         if in_sweep():
@@ -128,6 +135,10 @@ def train(cfg: DictConfig) -> float | None:
             )
             return float("-inf") if cfg.task.get("monitor_mode") == "max" else float("inf")
         raise
+    except KeyboardInterrupt:  # Ctrl-C outside training (setup, final test): no traceback
+        stop = interrupted("SIGINT", out_dir)
+        outputs.write_failure(out_dir, stop, "", time.time() - started)
+        raise stop from None
     except BaseException as err:  # interrupted: record it, then stop as asked
         outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
         raise
@@ -167,17 +178,25 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     use_job_command_for_ddp()
 
     datamodule, module = build(cfg)
-    callbacks = instantiate_all(cfg.get("callbacks"))
+    # Not in the callbacks group: stopping cleanly and resuming without duplicated log rows
+    # are what train() promises, whichever callbacks a config lists.
+    stopper = StopOnSignal(out_dir / "checkpoints" / "last.ckpt")
+    callbacks = [*instantiate_all(cfg.get("callbacks")), stopper, CSVResume()]
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     log_config(loggers, cfg)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
-        if trainer.interrupted:
-            raise KeyboardInterrupt(
-                f"training was interrupted; checkpoints so far are in {out_dir}"
-            )
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+        except (KeyboardInterrupt, SystemExit):  # SIGTERMException; a Ctrl-C ends in exit(1)
+            stop = stopper.interruption(out_dir)
+            if stop is None:
+                raise
+            raise stop from None
+        stop = stopper.interruption(out_dir)
+        if stop is not None:  # a signal as training ended: stop as asked, before testing
+            raise stop
         metrics = _final_metrics(cfg, trainer, module, datamodule, out_dir)
     finally:
         finish_loggers(loggers)
