@@ -12,6 +12,10 @@ Batch contract (one sample; the DataLoader stacks them):
            the target is something other than the lung mask itself.
 ``label``  int64 class index in :data:`CLASSES` order.
 ``id``     str, the image's file name without its extension.
+
+A loader gives ``None`` in place of a batch whose every sample was left out (unreadable files,
+``data.on_bad_file=skip``): Lightning skips such a training step, a module's validation and
+test steps skip it themselves.
 """
 
 from __future__ import annotations

@@ -121,10 +121,10 @@ def test_a_failed_job_does_not_stop_the_sweep(synth_root, tmp_path):
     good, bad = job_dirs(out)
     assert read_metrics(good)["val/dice"] >= 0
     failure = (bad / "failure.txt").read_text()
-    assert "status: failed" in failure and "Invalid learning rate" in failure
+    assert "status: failed" in failure and "optimizer.lr=-1" in failure
     rows = {r["run"]: r for r in read_csv(out / "report.csv")}
     assert rows["0"]["status"] == "completed" and rows["1"]["status"] == "failed"
-    assert "Invalid learning rate" in rows["1"]["error"]
+    assert "optimizer.lr=-1" in rows["1"]["error"]
     assert report_main([str(out), "--quiet"]) == 1
 
 

@@ -213,13 +213,14 @@ def test_local_encoder_weights_file(synth_root, tmp_path):
 
 
 def test_a_failed_run_leaves_a_failure_note(synth_root, tmp_path):
+    # a value no up-front check knows of: the optimizer itself refuses it once training starts
     cfg = compose_config(
-        "train", tiny(synth_root, "trainer.max_epochs=1", "optimizer.lr=-1"), tmp_path
+        "train", tiny(synth_root, "trainer.max_epochs=1", "+optimizer.betas=[1.5,0.999]"), tmp_path
     )
     with pytest.raises(ValueError):
         train(cfg)
     note = (tmp_path / "failure.txt").read_text()
-    assert "status: failed" in note and "lr" in note.lower()
+    assert "status: failed" in note and "beta" in note.lower()
     assert (tmp_path / "config.yaml").is_file()
 
 

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from covidqu.errors import ConfigError
+
 #: Severity grades, mildest first: the order grade figures (accuracy, kappa) rank them in.
 GRADES: tuple[str, ...] = ("none", "mild", "moderate", "severe", "critical")
 
@@ -28,13 +30,13 @@ def check_cutoffs(cutoffs: Mapping[str, float]) -> dict[str, float]:
     for each grade above ``none``, within 0..100 and rising with the grade."""
     names = GRADES[1:]
     if set(cutoffs) != set(names):
-        raise ValueError(
+        raise ConfigError(
             f"grades must give one lower bound (percent of the lung) for each of {list(names)}; "
             f"got {sorted(cutoffs)}"
         )
     values = [float(cutoffs[name]) for name in names]
     if not all(0.0 <= v <= 100.0 for v in values) or values != sorted(set(values)):
-        raise ValueError(
+        raise ConfigError(
             "grades.* must rise from mild to critical within 0..100 (percent of the lung), got "
             + ", ".join(f"grades.{n}={v}" for n, v in zip(names, values, strict=True))
         )

@@ -23,9 +23,9 @@ import albumentations as A
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
 
 from covidqu.constants import SPLITS, subset_targets
+from covidqu.data.badfiles import BadFileLoader, BadFileLog
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
 from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
 from covidqu.data.loading import EpochSampler, ResumableLoader, worker_init
@@ -97,6 +97,11 @@ def _eval_sampler(ds: CXRDataset, split: str, world: int) -> UnrepeatedDistribut
     return UnrepeatedDistributedSampler(ds, shuffle=False)
 
 
+class TrainLoader(ResumableLoader, BadFileLoader):
+    """The training loader: resumable in the middle of an epoch, and handling unreadable files
+    as ``data.on_bad_file`` says (each base class adds one of the two to the DataLoader)."""
+
+
 class COVIDQUDataModule(pl.LightningDataModule):
     """What both subsets share; use :class:`LungDataModule` or :class:`InfectionDataModule`.
 
@@ -122,6 +127,9 @@ class COVIDQUDataModule(pl.LightningDataModule):
             or balanced draw), so that a run resumed mid-epoch sees the batches it would have.
         drop_last: drop the last incomplete training batch (a batch of one breaks batch
             norm), unless the split is smaller than one batch.
+        on_bad_file: what a file that cannot be read during the run does: ``error`` stops the
+            run naming it, ``skip`` leaves the sample out of its batch and goes on (see
+            :mod:`covidqu.data.badfiles`; :meth:`skipped_files` lists them).
     """
 
     subset: ClassVar[str]
@@ -144,6 +152,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         reader: str | SampleReader = "png",
         seed: int = 0,
         drop_last: bool = True,
+        on_bad_file: str = "error",
     ) -> None:
         super().__init__()
         target = target or self.targets[0]
@@ -172,6 +181,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         self.reader = build_reader(reader)
         self.seed = seed
         self.drop_last = drop_last
+        self.bad_files = BadFileLog(on_bad_file)
         build_transform(image_size)  # validate the size now, not in a worker
         self.index: Index | None = None
         self.datasets: dict[str, CXRDataset] = {}
@@ -246,14 +256,15 @@ class COVIDQUDataModule(pl.LightningDataModule):
             reader=self.reader,
             mean=self.mean,
             std=self.std,
+            mark_bad_files=True,
         )
 
     # -- loaders -------------------------------------------------------------------------------
 
-    def dataloader(self, split: str, train: bool = False) -> DataLoader:
-        """The loader of any split. ``train``: a :class:`~covidqu.data.loading.ResumableLoader`
-        in an order fixed by ``seed`` and the epoch (shuffled, or balanced), dropping the last
-        batch as configured; otherwise order is kept."""
+    def dataloader(self, split: str, train: bool = False) -> BadFileLoader:
+        """The loader of any split, handling unreadable files as ``on_bad_file`` says.
+        ``train``: a :class:`TrainLoader` in an order fixed by ``seed`` and the epoch (shuffled,
+        or balanced), dropping the last batch as configured; otherwise order is kept."""
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         ds = self.datasets[split]
@@ -265,9 +276,10 @@ class COVIDQUDataModule(pl.LightningDataModule):
             kwargs["prefetch_factor"] = 4
             kwargs["worker_init_fn"] = partial(worker_init, rank=_distributed_rank())
         kwargs["pin_memory"] = self.pin_memory and torch.cuda.is_available()
+        kwargs.update(bad_files=self.bad_files, split=split, training=train)
         if not train:
             sampler = _eval_sampler(ds, split, world) if world > 1 else None
-            return DataLoader(ds, batch_size=self.eval_batch_size, sampler=sampler, **kwargs)
+            return BadFileLoader(ds, batch_size=self.eval_batch_size, sampler=sampler, **kwargs)
         weights = None
         if self.balanced_sampler:
             counts = Counter(ds.labels)
@@ -275,7 +287,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         sampler = EpochSampler(
             ds, seed=self.seed, weights=weights, num_replicas=world, rank=_distributed_rank()
         )
-        loader = ResumableLoader(
+        loader = TrainLoader(
             ds,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -306,16 +318,21 @@ class COVIDQUDataModule(pl.LightningDataModule):
         position = state_dict.get("train_loader")
         self._train_position = dict(position) if position else None
 
-    def train_dataloader(self) -> DataLoader:
+    def skipped_files(self) -> dict[str, str]:
+        """The files left out so far (``on_bad_file=skip``), path -> what was wrong, over all
+        processes of a distributed run (every process must call it)."""
+        return self.bad_files.skipped()
+
+    def train_dataloader(self) -> BadFileLoader:
         return self.dataloader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> BadFileLoader:
         return self.dataloader("val", train=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> BadFileLoader:
         return self.dataloader("test", train=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> BadFileLoader:
         return self.dataloader("test", train=False)
 
 

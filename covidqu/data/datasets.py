@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from covidqu.constants import SUBSET_MASKS, target_info
+from covidqu.data.badfiles import BadFile
 from covidqu.data.layout import DataError, Sample
 from covidqu.data.readers import PngReader, SampleReader
 
@@ -48,6 +49,9 @@ class CXRDataset(Dataset):
             (:func:`covidqu.data.transforms.build_transform`); ``None`` keeps the stored size.
         reader: where pixels come from; defaults to decoding the PNG files.
         mean, std: normalisation of the [0, 1] gray level.
+        mark_bad_files: give a :class:`~covidqu.data.badfiles.BadFile` in place of a sample whose
+            file cannot be read, instead of raising; for a
+            :class:`~covidqu.data.badfiles.BadFileLoader`, which decides in the main process.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class CXRDataset(Dataset):
         reader: SampleReader | None = None,
         mean: float = DEFAULT_MEAN,
         std: float = DEFAULT_STD,
+        mark_bad_files: bool = False,
     ) -> None:
         spec = target_info(target)
         lacking = [s for s in samples if not set(spec.masks) <= set(SUBSET_MASKS[s.subset])]
@@ -76,6 +81,7 @@ class CXRDataset(Dataset):
         self.mean = float(mean)
         self.std = float(std)
         self.spec = spec
+        self.mark_bad_files = mark_bad_files
         #: The masks to read: the target's, and the lung mask for severity whenever the target
         #: is something else (see the batch contract).
         self.mask_kinds = tuple(dict.fromkeys((*spec.masks, "lung")))
@@ -105,8 +111,16 @@ class CXRDataset(Dataset):
             self.transform.set_random_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
             self._seeded_with = key
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        sample = self.samples[i]
+    def __getitem__(self, i: int) -> dict[str, Any] | BadFile:
+        try:
+            return self._item(self.samples[i])
+        except DataError as err:
+            if not self.mark_bad_files:
+                raise
+            path = getattr(err, "path", None) or str(self.samples[i].image)
+            return BadFile(path=path, problem=str(err))
+
+    def _item(self, sample: Sample) -> dict[str, Any]:
         image = self.reader.image(sample)
         masks = [self.reader.mask(sample, kind) for kind in self.mask_kinds]
         for kind, m in zip(self.mask_kinds, masks, strict=True):

@@ -24,7 +24,11 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 class ImageDecodeError(DataError):
-    """A file that cannot be decoded as an image."""
+    """A file that cannot be decoded as an image; ``path`` names it."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
 
 
 def decode_png(path: str | os.PathLike[str]) -> np.ndarray:
@@ -37,13 +41,13 @@ def decode_png(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         buf = np.fromfile(p, dtype=np.uint8)
     except OSError as err:
-        raise ImageDecodeError(f"cannot read {p}: {err.strerror or err}") from err
+        raise ImageDecodeError(f"cannot read {p}: {err.strerror or err}", p) from err
     if buf.size == 0:
-        raise ImageDecodeError(f"{p} is an empty file (0 bytes)")
+        raise ImageDecodeError(f"{p} is an empty file (0 bytes)", p)
     arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if arr is None or arr.size == 0:
         raise ImageDecodeError(
-            f"{p} is not a readable image (corrupt or truncated, {buf.size} bytes)"
+            f"{p} is not a readable image (corrupt or truncated, {buf.size} bytes)", p
         )
     return arr
 

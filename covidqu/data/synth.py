@@ -634,7 +634,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             overwrite=args.force,
         )
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # a bad count, or OUT taken or not writable
         print(f"synth: error: {err}", file=sys.stderr)
         return 2
     images = args.per_class * len(SPLITS) * len(CLASSES)

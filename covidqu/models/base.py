@@ -148,10 +148,15 @@ class CXRModule(pl.LightningModule):
             )
         return loss
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        # A None batch (no readable sample): Lightning skips it in training, not in evaluation.
+        if batch is None:
+            return
         self._step(batch, "val")
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
         logits, _ = self._step(batch, "test")
         self.record_test_batch(batch, logits.detach())
 
@@ -220,7 +225,9 @@ class CXRModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
-        self.test_records = _gather_rows(self.test_records)
+        self.test_records = gather_rows(self.test_records)
+        # each process kept the first images of its own shard: those of the split come first
+        self.overlays = gather_rows(self.overlays)[: self.keep_overlays]
 
     # -- optimisation ----------------------------------------------------------------------------
 
@@ -256,11 +263,12 @@ class CXRModule(pl.LightningModule):
             self.recipe = {k: v for k, v in checkpoint["covidqu"].items() if k != "module_class"}
 
 
-def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every process's per-image rows, in dataset order, on every process.
+def gather_rows(rows: list[Any]) -> list[Any]:
+    """Every process's per-image rows (any picklable items), in dataset order, on every process.
 
     Evaluation shards are interleaved (process ``r`` holds samples ``r, r + world, ...``), so
-    taking one row from each process in turn restores the dataset's order.
+    taking one row from each process in turn restores the dataset's order. Lightning gathers
+    tensors only, hence torch's object gather.
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from covidqu.constants import CLASSES
+from covidqu.errors import ConfigError
 from covidqu.models.weights import (
     WeightsUnavailableError,
+    downloads_fail_fast,
     load_encoder_file,
     parse_weights,
     smp_weights,
@@ -160,6 +162,22 @@ def build_classifier(
     return _build(build, pretrained, f"model.name={name}", weights_error(source, value, what))
 
 
+def check_input_size(net: nn.Module, image_size: int | Sequence[int]) -> None:
+    """Refuse a ``data.image_size`` the network cannot take, before any training step.
+
+    smp's networks know the sides they accept (a multiple of their output stride) and say so in
+    ``check_input_shape``; a classifier takes any size.
+    """
+    check = getattr(net, "check_input_shape", None)
+    if check is None:
+        return
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    try:
+        check(torch.empty(1, 1, int(h), int(w), device="meta"))
+    except RuntimeError as err:
+        raise ConfigError(f"data.image_size={image_size} does not fit this network: {err}") from err
+
+
 def _resolve_arch(arch: str) -> tuple[str, type[nn.Module]]:
     """smp's name and class of an architecture, from smp's own registry."""
     registry: Mapping[str, type[nn.Module]] = smp.MODEL_ARCHITECTURES_MAPPING
@@ -279,7 +297,8 @@ def _build(build: Callable, weights: Any, context: str, weights_error: Callable)
     failure = None
     if weights is not None:
         try:
-            return build(weights)
+            with downloads_fail_fast():
+                return build(weights)
         except Exception as err:
             failure = err
     try:

@@ -5,7 +5,8 @@ timm tag), downloaded by smp / timm, where a failed download raises
 :class:`WeightsUnavailableError` and never falls back to random weights, or a local file.
 
 A weights file is a state dict, plain or under ``"state_dict"`` / ``"model"``, read as timm reads
-it and always with ``weights_only=True`` (a file holding arbitrary Python objects is refused).
+it and always with ``weights_only=True``: a file holding other Python objects is refused with a
+:class:`~covidqu.errors.CheckpointError`, since unpickling them could run code.
 timm models (classifiers, ``tu-`` encoders) load it through timm's own ``pretrained_cfg_overlay=
 dict(file=...)``, which adapts the first convolution to the input channels, resamples ViT
 position embeddings and drops a head made for another number of classes. smp's native encoders
@@ -18,25 +19,34 @@ resnet18), else a ValueError names the file and the keys.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import pickle
-from collections.abc import Callable, Mapping
+import socket
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import getproxies
 
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
 from timm.models import adapt_input_conv, load_state_dict
 from torch import nn
 
 from covidqu.errors import ConfigError, MissingFileError, UserError
+from covidqu.models.checkpoint import refused_as_unsafe, unsafe_file_error
 
 #: The config key through which every config passes the weights.
 WEIGHTS_KEY = "encoder.weights"
 
 
 _FIX = f"{WEIGHTS_KEY}=null (random init) or {WEIGHTS_KEY}=/path/to/state_dict.pth (a local file)"
+
+
+#: How to turn a trusted weights file that holds Python objects into one that loads safely.
+_RESAVE_WEIGHTS = "Save the weights alone instead: torch.save(net.state_dict(), path)."
 
 
 _NO_WEIGHTS = frozenset({"", "none", "null"})
@@ -122,14 +132,48 @@ def timm_pretrained_name(timm_name: str, weights: str) -> str:
     return full
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub, where smp and timm download named weights, answers.
+
+    Behind a proxy the Hub is reached through it, which a direct probe would miss: assume yes.
+    """
+    if getproxies().get("https"):
+        return True
+    host = urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def downloads_fail_fast() -> Iterator[None]:
+    """Named weights that are not in the local cache fail at once where the Hub is unreachable.
+
+    Left alone, huggingface_hub retries each request with back-off for half a minute or more
+    before giving up. ``HF_HUB_OFFLINE`` is read once, when huggingface_hub is imported, so its
+    module value is what switches the cache-only mode on here, for this block only.
+    """
+    if _hub_reachable():
+        yield
+        return
+    before = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = before
+
+
 def weights_error(source: str, asked: Any, what: str) -> Callable[[Exception], Exception]:
     """The error for named weights that failed to download, or a file that failed to load."""
     if source == "file":
         return lambda err: _misfit(asked, what, [f"{type(err).__name__}: {err}"])
     return lambda err: WeightsUnavailableError(
         f"Pretrained weights {WEIGHTS_KEY}={asked} for {what} could not be downloaded or loaded "
-        f"({type(err).__name__}: {err}). Without internet access (set HF_HUB_OFFLINE=1 to fail "
-        f"fast), use {_FIX}, e.g. one downloaded on a machine with internet access."
+        f"({type(err).__name__}: {err}). Without internet access, use {_FIX}, e.g. one "
+        f"downloaded on a machine with internet access."
     )
 
 
@@ -138,13 +182,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as err:
-        if pickle.UnpicklingError not in (type(err), type(err.__cause__)):
+        if not refused_as_unsafe(err):
             raise ConfigError(f"{WEIGHTS_KEY}={path}: cannot read a state dict: {err}") from err
-        raise ConfigError(
-            f"{WEIGHTS_KEY}={path}: the file holds Python objects besides tensors, and weights "
-            f"files load with weights_only=True only (unpickling objects could run code). Save "
-            f"the weights alone instead: torch.save(net.state_dict(), path)."
-        ) from err
+        raise unsafe_file_error(WEIGHTS_KEY, path, _RESAVE_WEIGHTS) from err
     tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ConfigError(

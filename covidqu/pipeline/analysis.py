@@ -6,36 +6,39 @@ the severity, the severity is graded, and an image whose infected share reaches 
 threshold is called COVID-19. On any images (``input=``) it writes masks, overlays and
 ``analysis.csv``; on a split of the infection subset it also scores every step against the
 ground truth (``metrics.json``, plots), choosing the detection threshold on another split.
+
+It runs through a Lightning Trainer from the ``trainer`` group, as ``train`` and ``eval`` do: on
+several processes (``trainer=ddp_cpu``) each analyses its share of the images, and the files
+are those of one process, every image once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
-from rich.progress import track
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from covidqu.analysis.severity import GRADES, check_cutoffs, grade, infected_share
 from covidqu.constants import COVID
 from covidqu.data.layout import DataError, Sample, scan
-from covidqu.data.readers import PngReader
+from covidqu.data.readers import PngReader, read_image
+from covidqu.errors import ConfigError
+from covidqu.models.base import gather_rows
 from covidqu.models.checkpoint import load_module
 from covidqu.models.figures import caption, tint
 from covidqu.pipeline import outputs
-from covidqu.pipeline.prediction import (
-    batches,
-    find_inputs,
-    output_names,
-    probabilities,
-    read_inputs,
-    resolve_device,
-)
+from covidqu.pipeline.distributed import evaluation_trainer, job_scope
+from covidqu.pipeline.prediction import find_inputs, output_names, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +62,11 @@ class Stages:
 def load_stages(lung_ckpt: str | None, infection_ckpt: str, device: str) -> Stages:
     """The two stages' modules; a missing ``lung_ckpt`` takes the lung from the infection model,
     which must then have been trained with ``data.target=infection_multiclass``."""
-    infection = load_module(infection_ckpt, map_location=device)
-    lung = load_module(lung_ckpt, map_location=device) if lung_ckpt else infection
+    infection = load_module(infection_ckpt, map_location=device, key="infection_ckpt")
+    lung = load_module(lung_ckpt, map_location=device, key="lung_ckpt") if lung_ckpt else infection
     lung_classes = ", ".join(getattr(lung, "class_names", ()))
     if "lung" not in getattr(lung, "class_names", ()):
-        raise ValueError(
+        raise ConfigError(
             f"lung_ckpt={lung_ckpt} predicts {lung_classes}, not the lung: give a task=lung "
             "checkpoint"
             if lung_ckpt
@@ -72,7 +75,7 @@ def load_stages(lung_ckpt: str | None, infection_ckpt: str, device: str) -> Stag
             "checkpoint trained with data.target=infection_multiclass"
         )
     if "infection" not in getattr(infection, "class_names", ()):
-        raise ValueError(
+        raise ConfigError(
             f"infection_ckpt={infection_ckpt} predicts "
             f"{', '.join(getattr(infection, 'class_names', ()))}, not the infection: give a "
             "task=infection checkpoint"
@@ -80,7 +83,9 @@ def load_stages(lung_ckpt: str | None, infection_ckpt: str, device: str) -> Stag
     return Stages(lung=lung, infection=infection)
 
 
-def segment(stages: Stages, images: Sequence[np.ndarray], device: str) -> list[tuple[Any, Any]]:
+def segment(
+    stages: Stages, images: Sequence[np.ndarray], device: str | torch.device
+) -> list[tuple[Any, Any]]:
     """The predicted lung and infection masks (bool, at each image's own size); the infection
     is kept inside the lung."""
     probs = {id(m): probabilities(m, images, device) for m in stages.modules()}
@@ -115,25 +120,6 @@ def overlay(image: np.ndarray, lung: np.ndarray, infection: np.ndarray, row: dic
     return caption(tint(image, label), text)
 
 
-def analyse_files(cfg: DictConfig, stages: Stages, out: Path, threshold: float) -> list[dict]:
-    """``input=`` form: every image file at ``cfg.input``; rows of ``analysis.csv``."""
-    files = find_inputs(cfg.input, recursive=cfg.get("recursive", False))
-    names = output_names(files)
-    cutoffs = check_cutoffs(cfg.grades)
-    readable, rows = read_inputs(files)
-    chunks = list(batches(readable, int(cfg.batch_size)))
-    for batch in track(chunks, description="analysing", disable=not chunks):
-        masks = segment(stages, [img for _, img in batch], cfg.device)
-        for (f, img), (lung, infection) in zip(batch, masks, strict=True):
-            row = {"file": str(f), "status": "ok", "height": img.shape[0], "width": img.shape[1]}
-            row.update(judge(lung, infection, cutoffs, threshold))
-            _write_pictures(out, names[f], img, lung, infection, row)
-            rows.append(row)
-    order = {str(f): i for i, f in enumerate(files)}
-    rows.sort(key=lambda r: order[r["file"]])
-    return rows
-
-
 def _write_pictures(
     out: Path, name: str, image: np.ndarray, lung: np.ndarray, infection: np.ndarray, row: dict
 ) -> None:
@@ -165,38 +151,131 @@ def split_samples(root: str | os.PathLike[str], split: str, limit: int | None) -
     return cap_per_class(samples, limit, 0, f"analyze/{split}")
 
 
-def analyse_split(
-    cfg: DictConfig,
-    stages: Stages,
-    samples: Iterable[Sample],
-    out: Path | None,
-    threshold: float,
+class Images(Dataset):
+    """What the stages analyse, read in the loader's workers: image files (``input=``), or
+    dataset samples with their true masks (``data.root=ROOT split=...``).
+
+    An item is a dict with its ``index`` in the list (the order rows are written in), the
+    ``name`` its pictures are written under, and the ``image`` or, for a file that cannot be
+    read, the ``error``; a sample adds its id, class and true masks. Plain values only:
+    Lightning walks each batch to move its tensors, and refuses frozen dataclasses.
+    """
+
+    def __init__(self, items: Sequence[Path | Sample]) -> None:
+        self.items = list(items)
+        paths = [i.image if isinstance(i, Sample) else i for i in self.items]
+        names = output_names(paths)
+        self.names = [names[p] for p in paths]
+        self.reader = PngReader()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        out: dict[str, Any] = {"index": index, "name": self.names[index]}
+        if isinstance(item, Sample):
+            out.update(id=item.id, cls=item.cls, true_covid=int(item.label == COVID))
+            out["image"] = self.reader.image(item)
+            out["true_lung"] = self.reader.mask(item, "lung") > 0
+            out["true_infection"] = (self.reader.mask(item, "infection") > 0) & out["true_lung"]
+            return out
+        out["file"] = item
+        try:
+            out["image"] = read_image(item)
+        except DataError as err:
+            log.error("skipped %s: %s", item, err)
+            out["error"] = str(err)
+        return out
+
+
+class TwoStages(pl.LightningModule):
+    """Both stages as one module for ``trainer.predict``: each process analyses its shard of
+    the images (Lightning shards prediction without repeats), writes their pictures, and
+    :attr:`rows` then holds every process's rows, in the images' order, on every process.
+
+    Args:
+        stages: the two models.
+        cutoffs: the grades' lower bounds (``grades``).
+        threshold: the infected share of the lung (percent) from which COVID-19 is called.
+        out: where the masks and overlays go; ``None``: no pictures.
+    """
+
+    def __init__(
+        self, stages: Stages, cutoffs: dict, threshold: float, out: Path | None = None
+    ) -> None:
+        super().__init__()
+        self.stages = stages
+        self.models = nn.ModuleList(stages.modules())  # moved to the device with this module
+        self.cutoffs = cutoffs
+        self.threshold = threshold
+        self.out = out
+        self.rows: list[dict[str, Any]] = []
+        self._indexed: list[tuple[int, dict[str, Any]]] = []
+
+    def on_predict_epoch_start(self) -> None:
+        self._indexed = []
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[tuple]:
+        """``(index, row)`` of each item of the batch; pictures of the readable ones."""
+        found = []
+        readable = [item for item in batch if "image" in item]
+        masks = (
+            segment(self.stages, [i["image"] for i in readable], self.device) if readable else []
+        )
+        for item, (lung, infection) in zip(readable, masks, strict=True):
+            row = self.describe(item, lung, infection)
+            if self.out is not None:
+                _write_pictures(self.out, item["name"], item["image"], lung, infection, row)
+            found.append((item["index"], row))
+        for item in batch:
+            if "image" not in item:
+                row = {"file": str(item["file"]), "status": f"error: {item['error']}"}
+                found.append((item["index"], row))
+        self._indexed += found
+        return found
+
+    def describe(self, item: dict[str, Any], lung: np.ndarray, infection: np.ndarray) -> dict:
+        """The row of one image: the figures, and the truth beside them for a sample."""
+        if "file" in item:
+            h, w = item["image"].shape
+            row: dict[str, Any] = {"file": str(item["file"]), "status": "ok"}
+            row.update(height=h, width=w)
+            row.update(judge(lung, infection, self.cutoffs, self.threshold))
+            return row
+        true_lung, true_inf = item["true_lung"], item["true_infection"]
+        true_share = infected_share(true_lung, true_inf)
+        row = {"id": item["id"], "class": item["cls"]}
+        row.update(judge(lung, infection, self.cutoffs, self.threshold))
+        row["true_covid"] = item["true_covid"]
+        row["true_severity_pct"] = true_share
+        row["true_grade"] = grade(true_share, self.cutoffs)
+        row["lung_dice"], row["lung_iou"] = _overlap(lung, true_lung)
+        row["infection_dice"], row["infection_iou"] = _overlap(infection, true_inf)
+        return row
+
+    def on_predict_epoch_end(self) -> None:
+        indexed = sorted(gather_rows(self._indexed), key=lambda pair: pair[0])
+        self.rows = [row for _, row in indexed]
+
+
+def run_stages(
+    trainer: pl.Trainer,
+    module: TwoStages,
+    items: Sequence[Path | Sample],
+    batch_size: int,
+    num_workers: int = 0,
 ) -> list[dict[str, Any]]:
-    """Rows of predictions beside the truth for dataset samples (pictures when ``out``)."""
-    reader = PngReader()
-    cutoffs = check_cutoffs(cfg.grades)
-    rows: list[dict[str, Any]] = []
-    samples = list(samples)
-    names = output_names([s.image for s in samples])
-    chunks = list(batches(samples, int(cfg.batch_size)))
-    for batch in track(chunks, description="analysing", disable=not chunks):
-        images = [reader.image(s) for s in batch]
-        masks = segment(stages, images, cfg.device)
-        for s, img, (lung, infection) in zip(batch, images, masks, strict=True):
-            true_lung = reader.mask(s, "lung") > 0
-            true_inf = (reader.mask(s, "infection") > 0) & true_lung
-            true_share = infected_share(true_lung, true_inf)
-            row: dict[str, Any] = {"id": s.id, "class": s.cls}
-            row.update(judge(lung, infection, cutoffs, threshold))
-            row["true_covid"] = int(s.label == COVID)
-            row["true_severity_pct"] = true_share
-            row["true_grade"] = grade(true_share, cutoffs)
-            row["lung_dice"], row["lung_iou"] = _overlap(lung, true_lung)
-            row["infection_dice"], row["infection_iou"] = _overlap(infection, true_inf)
-            if out is not None:
-                _write_pictures(out, names[s.image], img, lung, infection, row)
-            rows.append(row)
-    return rows
+    """The rows of ``items`` (every one once, in order), on every process."""
+    loader = DataLoader(
+        Images(items),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=list,  # images of any size, and items without one
+    )
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    return module.rows
 
 
 def score(
@@ -235,34 +314,66 @@ def score(
     return metrics
 
 
+def trainer_config(cfg: DictConfig) -> DictConfig:
+    """``cfg.trainer``, with the older ``device=cpu|cuda|cuda:N`` read as one device."""
+    device = cfg.get("device")
+    if device in (None, "", "auto"):
+        return cfg.trainer
+    name, _, index = str(device).partition(":")
+    if name not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise ConfigError(
+            f"device={device} is not a device: give cpu, cuda or cuda:N, or use the trainer "
+            "group (trainer=cpu, trainer=gpu, trainer=ddp trainer.devices=4)"
+        )
+    trainer = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
+    with open_dict(trainer):
+        trainer.accelerator = "cpu" if name == "cpu" else "gpu"
+        trainer.devices = [int(index)] if index else 1
+        trainer.strategy = "auto"
+    return trainer
+
+
 def analyze(cfg: DictConfig) -> dict[str, Any]:
-    """Run the analysis the config asks for; return the figures (scored) or a summary."""
+    """Run the analysis the config asks for; return the figures (scored) or a summary.
+
+    On several processes (``trainer=ddp_cpu``) each analyses its shard of the images and writes
+    their pictures; the rows are gathered, and the first process scores and writes them once.
+    """
     if not cfg.get("infection_ckpt"):
-        raise ValueError(
+        raise ConfigError(
             "infection_ckpt is required: python -m covidqu.analyze lung_ckpt=LUNG.ckpt "
             "infection_ckpt=INF.ckpt input=FILE_OR_DIR (or data.root=ROOT split=test), or "
             "infection_ckpt alone for a model trained with data.target=infection_multiclass"
         )
-    out = Path(cfg.output or cfg.paths.output_dir).expanduser()
+    with job_scope():
+        return _analyze(cfg)
+
+
+def _analyze(cfg: DictConfig) -> dict[str, Any]:
+    stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, "cpu")
+    trainer = evaluation_trainer(trainer_config(cfg))
+    cutoffs = check_cutoffs(cfg.grades)
+    out = Path(cfg.output or cfg.paths.output_dir).expanduser()  # made once the models fit
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    cfg.device = device
-    stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, device)
     fixed = cfg.detect.get("threshold")
+    batch_size, workers = int(cfg.batch_size), int(cfg.data.get("num_workers") or 0)
 
     if cfg.get("input"):
         threshold = float(cfg.detect.default_threshold if fixed is None else fixed)
-        rows = analyse_files(cfg, stages, out, threshold)
-        outputs.write_rows(out / ANALYSIS_FILE, rows)
+        files = find_inputs(cfg.input, recursive=cfg.get("recursive", False))
+        module = TwoStages(stages, cutoffs, threshold, out)
+        rows = run_stages(trainer, module, files, batch_size, workers)
         done = [r for r in rows if r["status"] == "ok"]
-        log.info(
-            "analysed %d of %d images into %s (%d COVID-19 calls at threshold %.3g %%)",
-            len(done),
-            len(rows),
-            out,
-            sum(r["covid"] for r in done),
-            threshold,
-        )
+        if trainer.is_global_zero:
+            outputs.write_rows(out / ANALYSIS_FILE, rows)
+            log.info(
+                "analysed %d of %d images into %s (%d COVID-19 calls at threshold %.3g %%)",
+                len(done),
+                len(rows),
+                out,
+                sum(r["covid"] for r in done),
+                threshold,
+            )
         return {"images": len(done), "threshold": threshold}
 
     split = cfg.split
@@ -274,30 +385,37 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         source = TUNING_SPLIT[split]
         from covidqu.analysis.scoring import choose_threshold
 
-        tuning = analyse_split(cfg, stages, split_samples(cfg.data.root, source, limit), None, 0.0)
+        samples = split_samples(cfg.data.root, source, limit)
+        # every process holds every row: each chooses the same threshold
+        tuning = run_stages(trainer, TwoStages(stages, cutoffs, 0.0), samples, batch_size, workers)
         threshold = choose_threshold(
             [r["covid_score"] for r in tuning], [r["true_covid"] for r in tuning]
         )
     else:
-        raise ValueError(
+        raise ConfigError(
             f"split={split}: the detection threshold is tuned on another split "
             f"({', '.join(f'{k} on {v}' for k, v in TUNING_SPLIT.items())}); give "
             "detect.threshold=<percent of the lung> to score this one"
         )
-    rows = analyse_split(cfg, stages, split_samples(cfg.data.root, split, limit), out, threshold)
-    metrics = score(rows, threshold, source, cfg, out)
-    metrics["split"] = split
-    outputs.write_rows(out / ANALYSIS_FILE, rows)
-    outputs.write_metrics(out, metrics)
-    log.info(
-        "scored %d %s images: detection sensitivity %.3f, specificity %.3f at %.3g %% (%s); "
-        "outputs in %s",
-        len(rows),
-        split,
-        metrics["detect/sensitivity"],
-        metrics["detect/specificity"],
-        threshold,
-        source,
-        out,
-    )
-    return metrics
+    samples = split_samples(cfg.data.root, split, limit)
+    module = TwoStages(stages, cutoffs, threshold, out)
+    rows = run_stages(trainer, module, samples, batch_size, workers)
+    metrics = None
+    if trainer.is_global_zero:
+        metrics = score(rows, threshold, source, cfg, out)
+        metrics["split"] = split
+        metrics["world_size"] = int(trainer.world_size)
+        outputs.write_rows(out / ANALYSIS_FILE, rows)
+        outputs.write_metrics(out, metrics)
+        log.info(
+            "scored %d %s images: detection sensitivity %.3f, specificity %.3f at %.3g %% "
+            "(%s); outputs in %s",
+            len(rows),
+            split,
+            metrics["detect/sensitivity"],
+            metrics["detect/specificity"],
+            threshold,
+            source,
+            out,
+        )
+    return trainer.strategy.broadcast(metrics)

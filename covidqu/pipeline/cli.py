@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from hydra.errors import InstantiationException
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-from covidqu.errors import UserError
+from covidqu.errors import ConfigError, UserError
 
 log = logging.getLogger("covidqu")
 
 T = TypeVar("T")
 
 
+#: Errors that a constructor raises for a bad argument: where Hydra's instantiate meets one, a
+#: config value was wrong (Hydra's message names its key).
+_BAD_ARGUMENT = (ValueError, TypeError, KeyError, MisconfigurationException)
+
+
 def user_error(err: BaseException) -> UserError | None:
-    """The :class:`UserError` behind ``err``: itself, or the one Hydra's instantiate wrapped."""
+    """The :class:`UserError` behind ``err``: itself, the one Hydra's instantiate wrapped, or a
+    bad constructor argument that instantiate met (a :class:`ConfigError` with Hydra's text)."""
     if isinstance(err, UserError):
         return err
-    if isinstance(err, InstantiationException) and isinstance(err.__cause__, UserError):
-        return err.__cause__
+    if isinstance(err, InstantiationException):
+        if isinstance(err.__cause__, UserError):
+            return err.__cause__
+        if isinstance(err.__cause__, _BAD_ARGUMENT):
+            return ConfigError(f"{err} (check the config keys under it)")
     return None
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Re-raise what :func:`user_error` finds in the block as that user error."""
+    try:
+        yield
+    except Exception as err:
+        found = user_error(err)
+        if found is None or found is err:
+            raise
+        raise found from err
 
 
 def report(err: UserError) -> None:

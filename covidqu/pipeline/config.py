@@ -33,17 +33,31 @@ def user_override_keys(overrides: Iterable[str] | None = None) -> set[str]:
     return {split_override(item)[0] for item in overrides}
 
 
+def synthetic_overrides(cfg: DictConfig, overrides: Iterable[str] | None = None) -> dict:
+    """The ``synthetic.overrides`` a run without a dataset takes: every one the user did not set
+    on the command line. Empty when a dataset is configured (``data.root`` or ``COVIDQU_ROOT``)."""
+    if cfg.data.get("root") not in (None, ""):
+        return {}
+    user = user_override_keys(overrides)
+    return {
+        key: value
+        for key, value in (cfg.synthetic.get("overrides") or {}).items()
+        if key not in user
+    }
+
+
 def apply_synthetic_defaults(
     cfg: DictConfig, overrides: Iterable[str] | None = None
 ) -> Path | None:
     """With no dataset configured, generate the synthetic sample once and train briefly on it.
 
-    Sets ``data.root`` to the cached synthetic tree and applies ``synthetic.overrides`` for every
-    key the user did not set on the command line. Returns the tree, or ``None`` when a dataset
-    is configured (``data.root`` or ``COVIDQU_ROOT``).
+    Sets ``data.root`` to the cached synthetic tree and applies :func:`synthetic_overrides`.
+    Returns the tree, or ``None`` when a dataset is configured (``data.root`` or
+    ``COVIDQU_ROOT``).
     """
     if cfg.data.get("root") not in (None, ""):
         return None
+    changes = synthetic_overrides(cfg, overrides)
     syn = cfg.synthetic
     cache = Path(cfg.paths.cache_dir)
     log.warning(
@@ -53,12 +67,10 @@ def apply_synthetic_defaults(
         cache,
     )
     root = ensure_synthetic(cache, per_class=syn.per_class, size=syn.size)
-    user = user_override_keys(overrides)
     with open_dict(cfg):
         cfg.data.root = str(root)
-        for key, value in (syn.get("overrides") or {}).items():
-            if key not in user:
-                OmegaConf.update(cfg, key, value, merge=False)
+        for key, value in changes.items():
+            OmegaConf.update(cfg, key, value, merge=False)
     return root
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -71,3 +72,22 @@ def job_scope() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def evaluation_trainer(trainer_cfg: Any, **kwargs: Any) -> Any:
+    """A Trainer from the ``trainer`` group that evaluates or predicts only: no logger, no
+    checkpoints, no model summary; its DDP processes re-run this job in this job's folder.
+
+    ``eval`` and ``analyze`` take the same group as ``train`` (``trainer=ddp_cpu``,
+    ``trainer=ddp trainer.devices=4``); the training-only keys of the group are simply unused.
+    """
+    from hydra.utils import instantiate
+
+    use_job_command_for_ddp()
+    return instantiate(
+        trainer_cfg,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **kwargs,
+    )

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from covidqu.models.checkpoint import load_module, preprocessing
 from covidqu.pipeline import outputs
+from covidqu.pipeline.distributed import evaluation_trainer, job_scope
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ def datamodule_for(
     batch_size: int = 32,
     num_workers: int = 4,
     limit_per_class: Any = None,
+    on_bad_file: str = "error",
 ) -> pl.LightningDataModule:
     """The DataModule a checkpoint was trained with, on ``root`` (else its training root).
 
@@ -43,11 +45,33 @@ def datamodule_for(
         num_workers=num_workers,
         limit_per_class=limit_per_class,
         augment=None,
+        on_bad_file=on_bad_file,
     )
 
 
+class SplitAsTest(pl.LightningDataModule):
+    """Serve any split of a DataModule as the test split of ``trainer.test``.
+
+    The loader is built when the Trainer asks for it, once the DDP processes exist, so the
+    DataModule shards it without repeats (:func:`covidqu.data.datamodule._eval_sampler`); a
+    loader built beforehand would get Lightning's padding DistributedSampler instead.
+    """
+
+    def __init__(self, datamodule: Any, split: str) -> None:
+        super().__init__()
+        self.datamodule = datamodule
+        self.split = split
+
+    def test_dataloader(self) -> Any:
+        return self.datamodule.dataloader(self.split)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Score ``cfg.ckpt_path`` on ``cfg.split``; write metrics.json, per_image.csv, overlays."""
+    """Score ``cfg.ckpt_path`` on ``cfg.split``; write metrics.json, per_image.csv, overlays.
+
+    On several processes (``trainer=ddp_cpu``) each evaluates its shard of the split; the
+    figures and rows are those of one process, written once, by the first.
+    """
     if not cfg.get("ckpt_path"):
         raise ValueError(
             "ckpt_path is required: python -m covidqu.eval ckpt_path=RUN/checkpoints/best.ckpt"
@@ -57,7 +81,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"split={split} is not one of {SPLITS}")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with job_scope():
+        return _evaluate(cfg, split, out_dir)
 
+
+def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     module = load_module(cfg.ckpt_path)
     pre = preprocessing(module)
     datamodule = datamodule_for(
@@ -66,27 +94,23 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         limit_per_class=cfg.data.get("limit_per_class"),
+        on_bad_file=cfg.data.get("on_bad_file", "error"),
     )
     datamodule.setup({"test": "test", "val": "validate", "train": "fit"}[split])
-    loader = datamodule.dataloader(split)
     module.keep_overlays = int(cfg.get("num_overlays", 0))
 
-    trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        precision=cfg.trainer.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    results = trainer.test(module, dataloaders=loader, verbose=False)
+    trainer = evaluation_trainer(cfg.trainer)
+    results = trainer.test(module, datamodule=SplitAsTest(datamodule, split), verbose=False)
     figures = outputs.clean_figures(results[0] if results else {})
     metrics: dict[str, Any] = {f"{split}/{k.split('/', 1)[1]}": v for k, v in figures.items()}
     metrics["monitor"] = module.recipe.get("task", {}).get("monitor")
     metrics["checkpoint"] = str(Path(cfg.ckpt_path).expanduser().resolve())
     metrics["split"] = split
     metrics["images"] = len(module.test_records)
+    metrics["world_size"] = int(trainer.world_size)
+    metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
     outputs.write_metrics(out_dir, metrics)
     outputs.write_test_outputs(module, out_dir)
-    log.info("evaluated %d %s images; outputs in %s", len(module.test_records), split, out_dir)
+    if trainer.is_global_zero:
+        log.info("evaluated %d %s images; outputs in %s", len(module.test_records), split, out_dir)
     return metrics

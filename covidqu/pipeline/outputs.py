@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
 FAILURE_FILE = "failure.txt"
+SKIPPED_FILE = "skipped_files.txt"
 
 
 def relative(path: str | os.PathLike[str], base: Path) -> str:
@@ -81,6 +82,29 @@ def write_failure(
         + f"error: {type(err).__name__}: {err}\n\n{trace}"
     )
     _write_atomic(out_dir / FAILURE_FILE, text)
+
+
+def skipped_files(datamodule: Any, out_dir: Path) -> dict[str, int]:
+    """``{"skipped_files": n}`` for ``metrics.json`` when ``data.on_bad_file=skip`` (else
+    ``{}``), and ``skipped_files.txt`` listing them (path, tab, what was wrong).
+
+    A collective under DDP (the files of every process count): every process must call it.
+    """
+    bad = getattr(datamodule, "bad_files", None)
+    if bad is None or bad.policy != "skip":
+        return {}
+    skipped = datamodule.skipped_files()
+    _write_skipped(out_dir, skipped)
+    return {"skipped_files": len(skipped)}
+
+
+@rank_zero_only
+def _write_skipped(out_dir: Path, skipped: Mapping[str, str]) -> None:
+    path = out_dir / SKIPPED_FILE
+    if skipped:
+        _write_atomic(path, "".join(f"{p}\t{why}\n" for p, why in sorted(skipped.items())))
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

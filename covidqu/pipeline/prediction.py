@@ -24,6 +24,7 @@ from covidqu.data.datasets import normalise
 from covidqu.data.layout import DataError
 from covidqu.data.readers import read_image
 from covidqu.data.transforms import build_transform
+from covidqu.errors import MissingFileError
 from covidqu.models.checkpoint import load_module, preprocessing
 from covidqu.pipeline import outputs
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PREDICTIONS_FILE = "predictions.csv"
+#: The smallest side of an input image: below it there is no lung to see (an icon, a pixel).
+MIN_SIDE = 16
 
 
 def find_inputs(path: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
@@ -39,11 +42,11 @@ def find_inputs(path: str | os.PathLike[str], recursive: bool = False) -> list[P
     if p.is_file():
         return [p]
     if not p.is_dir():
-        raise FileNotFoundError(f"input={p} does not exist; give an image file or a folder")
+        raise MissingFileError(f"input={p} does not exist; give an image file or a folder")
     found = p.rglob("*") if recursive else p.iterdir()
     files = sorted(f for f in found if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"input={p} holds no image files ({', '.join(IMAGE_SUFFIXES)})"
             + ("" if recursive else "; add recursive=true to look into sub-folders")
         )
@@ -96,7 +99,13 @@ def read_inputs(files: Sequence[Path]) -> tuple[list[tuple[Path, np.ndarray]], l
     rows: list[dict[str, Any]] = []
     for f in files:
         try:
-            readable.append((f, read_image(f)))
+            image = read_image(f)
+            if min(image.shape) < MIN_SIDE:
+                raise DataError(
+                    f"{f} is {image.shape[1]}x{image.shape[0]} px, too small for a chest X-ray "
+                    f"(at least {MIN_SIDE} px a side)"
+                )
+            readable.append((f, image))
         except DataError as err:
             log.error("skipped %s: %s", f, err)
             rows.append({"file": str(f), "status": f"error: {err}"})
@@ -113,13 +122,17 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Predict every image at ``inputs`` into ``output``; return the rows of predictions.csv."""
     files = find_inputs(inputs, recursive=recursive)
-    out = Path(output).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    readable, rows = read_inputs(files)
+    if not readable:  # nothing to predict: leave the output folder as it was
+        raise DataError(
+            f"input={inputs}: none of its {len(files)} image file(s) can be read: "
+            + "; ".join(r["status"].removeprefix("error: ") for r in rows[:3])
+        )
     device = resolve_device(device)
     module = load_module(ckpt_path, map_location=device)
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
     names = output_names(files)
-
-    readable, rows = read_inputs(files)
 
     for batch in batches(readable, batch_size):
         probs = probabilities(module, [img for _, img in batch], device)

@@ -3,7 +3,9 @@
 :func:`train` builds the DataModule, network, loss, metrics and LightningModule from the config
 (everything through ``hydra.utils.instantiate``), fits, validates and tests the best checkpoint,
 and writes ``metrics.json`` into the run folder. It returns the monitored value, so Hydra's
-sweepers can optimise it.
+sweepers can optimise it. Every checkpoint it reads (the one it resumes from, the best one it
+scores) Lightning reads with ``weights_only=True``: a file that would unpickle other Python
+objects is refused with a :class:`~covidqu.errors.CheckpointError`, its code never run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidqu.constants import CLASSES
 from covidqu.data.layout import DataError
-from covidqu.errors import RunInterrupted
+from covidqu.errors import RunInterrupted, UserError
+from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
+from covidqu.models.networks import check_input_size
 from covidqu.pipeline import outputs
-from covidqu.pipeline.config import (
-    apply_synthetic_defaults,
-    check_config,
-    print_config,
-)
+from covidqu.pipeline.config import apply_synthetic_defaults, print_config
 from covidqu.pipeline.distributed import job_scope, use_job_command_for_ddp
 from covidqu.pipeline.interrupts import StopOnSignal, interrupted
 from covidqu.pipeline.loggers import CSVResume, finish_loggers, log_config
+from covidqu.pipeline.preflight import check_resume, check_train
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """The DataModule and LightningModule a config describes."""
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
+    check_input_size(net, datamodule.image_size)
     loss = instantiate(cfg.loss)
     metrics = instantiate(cfg.module.metrics)
     module = instantiate(
@@ -113,12 +116,20 @@ def train(cfg: DictConfig) -> float | None:
     saving the state of that moment as ``checkpoints/last.ckpt`` when training was under way.
     """
     out_dir = Path(cfg.paths.output_dir)
+    started = time.time()
+    try:  # cheap checks first; a refused run writes nothing, not even into its folder
+        apply_synthetic_defaults(cfg)
+        check_train(cfg, out_dir)
+    except UserError as err:
+        if in_sweep():  # Hydra has made the job's folder already: say there why it stopped
+            out_dir.mkdir(parents=True, exist_ok=True)
+            outputs.write_failure(out_dir, err, "", time.time() - started)
+            log.error("this job was refused (%s); the sweep goes on", err)
+            return _worst(cfg)
+        raise
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs.clear_failure(out_dir)  # an earlier attempt's note: this attempt decides anew
-    started = time.time()
     try:
-        apply_synthetic_defaults(cfg)
-        check_config(cfg)
         with job_scope():
             return _train(cfg, out_dir, started)
     except RunInterrupted as err:
@@ -133,7 +144,7 @@ def train(cfg: DictConfig) -> float | None:
                 err,
                 out_dir / outputs.FAILURE_FILE,
             )
-            return float("-inf") if cfg.task.get("monitor_mode") == "max" else float("inf")
+            return _worst(cfg)
         raise
     except KeyboardInterrupt:  # Ctrl-C outside training (setup, final test): no traceback
         stop = interrupted("SIGINT", out_dir)
@@ -142,6 +153,10 @@ def train(cfg: DictConfig) -> float | None:
     except BaseException as err:  # interrupted: record it, then stop as asked
         outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
         raise
+
+
+def _worst(cfg: DictConfig) -> float:
+    return float("-inf") if cfg.task.get("monitor_mode") == "max" else float("inf")
 
 
 def in_sweep() -> bool:
@@ -156,18 +171,17 @@ def in_sweep() -> bool:
 
 
 def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
-    """``ckpt_path`` if given; else the run folder's own ``last.ckpt`` when ``auto_resume``.
+    """``ckpt_path`` if given; else the run folder's own ``last.ckpt`` when ``auto_resume``;
+    either only when it was written by this config (:func:`~covidqu.pipeline.preflight.
+    check_resume`).
 
     A job requeued by Slurm after preemption or a timeout starts again in the same folder:
     it continues from its last checkpoint instead of from scratch.
     """
-    if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    last = out_dir / "checkpoints" / "last.ckpt"
-    if cfg.get("auto_resume", True) and last.is_file():
-        log.warning("resuming from %s (auto_resume=true; set auto_resume=false to restart)", last)
-        return str(last)
-    return None
+    path = check_resume(cfg, out_dir)
+    if path is not None and not cfg.get("ckpt_path"):
+        log.warning("resuming from %s (auto_resume=true; set auto_resume=false to restart)", path)
+    return None if path is None else str(path)
 
 
 def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
@@ -186,9 +200,16 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     log_config(loggers, cfg)
+    resume = resume_path(cfg, out_dir)
+    fix = RESAVE_CHECKPOINT
+    if resume and not cfg.get("ckpt_path"):
+        fix += " Or set auto_resume=false to train afresh instead of resuming from it."
     try:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+            # Lightning reads the checkpoint it resumes from with torch.load(weights_only=True)
+            # when asked: a file that would unpickle other objects is refused, never run.
+            with refusing_unsafe("ckpt_path", resume, fix):
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         except (KeyboardInterrupt, SystemExit):  # SIGTERMException; a Ctrl-C ends in exit(1)
             stop = stopper.interruption(out_dir)
             if stop is None:
@@ -198,6 +219,7 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
         if stop is not None:  # a signal as training ended: stop as asked, before testing
             raise stop
         metrics = _final_metrics(cfg, trainer, module, datamodule, out_dir)
+        metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
     finally:
         finish_loggers(loggers)
     metrics["duration_s"] = round(time.time() - started, 1)
@@ -219,10 +241,10 @@ def _final_metrics(
     if best is None and not trainer.fast_dev_run:
         log.warning("no best checkpoint was recorded; final figures use the last weights")
     figures: dict[str, Any] = {}
-    figures.update(_first(trainer.validate(module, datamodule=datamodule, ckpt_path=best)))
+    figures.update(_score_best(trainer.validate, module, datamodule, best))
     if cfg.get("test", True):
         if _has_split(datamodule, "test"):
-            figures.update(_first(trainer.test(module, datamodule=datamodule, ckpt_path=best)))
+            figures.update(_score_best(trainer.test, module, datamodule, best))
             outputs.write_test_outputs(module, out_dir)
         else:
             log.warning("no test split under %s: test figures are skipped", cfg.data.root)
@@ -246,6 +268,15 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
         if getattr(callback, "monitor", None) is not None and path:
             return path
     return None
+
+
+def _score_best(
+    stage: Callable[..., list[Any]], module: pl.LightningModule, datamodule: Any, best: str | None
+) -> dict[str, float]:
+    """``trainer.validate`` or ``trainer.test`` (``stage``) of the best checkpoint, which
+    Lightning reads with ``weights_only=True`` like every checkpoint."""
+    with refusing_unsafe("ckpt_path", best):
+        return _first(stage(module, datamodule=datamodule, ckpt_path=best, weights_only=True))
 
 
 def _first(results: list[dict[str, float]]) -> dict[str, float]:
