@@ -30,3 +30,20 @@ class CheckpointError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder named by a config key or argument does not exist."""
+
+
+class RunInterrupted(UserError):
+    """A run stopped by SIGTERM or Ctrl-C, with what it kept and the command that resumes it.
+
+    Not bad input, but a stop the user (or a scheduler) asked for: it ends the command the same
+    way, with a message and no traceback, and with the shell's status for the signal.
+    """
+
+    #: What the run folder's failure.txt says the run's status is.
+    status = "interrupted"
+
+    def __init__(self, message: str, signal_name: str = "SIGINT") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+        #: 128 + the signal number, as a shell reports a process that a signal ended.
+        self.exit_code = 143 if signal_name == "SIGTERM" else 130

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from covidqu.data.datamodule import InfectionDataModule, LungDataModule
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
 from covidqu.data.layout import SUBSET_DIRS, DataError
+from covidqu.data.loading import EpochSampler
 from covidqu.data.readers import ImageDecodeError
 
 from conftest import PROJECT_ROOT, SYNTH_PER_CLASS, SYNTH_SIZE
@@ -116,7 +117,7 @@ def test_loaders_with_workers_batch_sizes_and_sampler(synth_root: Path):
     dm.prepare_data()
     dm.setup("fit")
     train, val = dm.train_dataloader(), dm.val_dataloader()
-    assert isinstance(train.sampler, torch.utils.data.WeightedRandomSampler)
+    assert isinstance(train.sampler, EpochSampler) and train.sampler.weights is not None
     assert [len(b["id"]) for b in train] == [4, 4, 1]
     assert [len(b["id"]) for b in val] == [5, 4]
     dm.drop_last = True
@@ -166,7 +167,10 @@ def test_balanced_sampler_draws_classes_evenly(synth_copy: Path):
     labels = dm.datasets["train"].labels
     assert Counter(labels)[0] == 15
     sampler = dm.train_dataloader().sampler
-    drawn = Counter(labels[i] for _ in range(200) for i in sampler)
+    drawn = Counter()
+    for epoch in range(200):  # a new draw each epoch, as Lightning sets it
+        sampler.set_epoch(epoch)
+        drawn.update(labels[i] for i in sampler)
     share = drawn[0] / sum(drawn.values())
     assert 0.28 < share < 0.39  # about 1/3, where uniform drawing would give 15/21 = 0.71
 

@@ -15,6 +15,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,12 +23,12 @@ import albumentations as A
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import WeightedRandomSampler
 
 from covidqu.constants import SPLITS, subset_targets
 from covidqu.data.badfiles import BadFileLoader, BadFileLog
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
 from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
+from covidqu.data.loading import EpochSampler, ResumableLoader, worker_init
 from covidqu.data.readers import SampleReader, build_reader
 from covidqu.data.transforms import build_transform
 
@@ -72,6 +73,12 @@ def _distributed_world() -> int:
     return 1
 
 
+def _distributed_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
 def _eval_sampler(ds: CXRDataset, split: str, world: int) -> UnrepeatedDistributedSampler:
     """This process's shard of an evaluation split: every image exactly once over all processes.
 
@@ -90,6 +97,11 @@ def _eval_sampler(ds: CXRDataset, split: str, world: int) -> UnrepeatedDistribut
     return UnrepeatedDistributedSampler(ds, shuffle=False)
 
 
+class TrainLoader(ResumableLoader, BadFileLoader):
+    """The training loader: resumable in the middle of an epoch, and handling unreadable files
+    as ``data.on_bad_file`` says (each base class adds one of the two to the DataLoader)."""
+
+
 class COVIDQUDataModule(pl.LightningDataModule):
     """What both subsets share; use :class:`LungDataModule` or :class:`InfectionDataModule`.
 
@@ -104,14 +116,15 @@ class COVIDQUDataModule(pl.LightningDataModule):
         pin_memory: page-locked host batches for faster GPU copies (ignored without CUDA).
         persistent_workers: keep workers alive between epochs (when ``num_workers > 0``).
         balanced_sampler: draw training samples with equal probability per class (with
-            replacement, ``len(train)`` per epoch); under DDP Lightning shards it per process.
+            replacement, ``len(train)`` per epoch); under DDP each process draws its share.
         limit_per_class: at most this many samples per class of each split, for quick runs: an
             int for every split or a mapping ``{train: 100, val: 20}``; ``null`` for all.
         augment: albumentations transforms for the training split (the ``augment`` group).
         mean, std: normalisation of the [0, 1] gray level.
         reader: how pixels are read: a name from :data:`covidqu.data.readers.READERS` or a
             :class:`~covidqu.data.readers.SampleReader`.
-        seed: seed of the per-class cap and of the balanced sampler.
+        seed: seed of the per-class cap and, with the epoch, of the training order (shuffle
+            or balanced draw), so that a run resumed mid-epoch sees the batches it would have.
         drop_last: drop the last incomplete training batch (a batch of one breaks batch
             norm), unless the split is smaller than one batch.
         on_bad_file: what a file that cannot be read during the run does: ``error`` stops the
@@ -172,6 +185,8 @@ class COVIDQUDataModule(pl.LightningDataModule):
         build_transform(image_size)  # validate the size now, not in a worker
         self.index: Index | None = None
         self.datasets: dict[str, CXRDataset] = {}
+        self._train_loader: ResumableLoader | None = None
+        self._train_position: dict[str, int] | None = None
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -247,38 +262,61 @@ class COVIDQUDataModule(pl.LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------
 
     def dataloader(self, split: str, train: bool = False) -> BadFileLoader:
-        """The loader of any split; ``train`` shuffles (or balances) and drops the last batch
-        as configured, otherwise order is kept."""
+        """The loader of any split, handling unreadable files as ``on_bad_file`` says.
+        ``train``: a :class:`TrainLoader` in an order fixed by ``seed`` and the epoch (shuffled,
+        or balanced), dropping the last batch as configured; otherwise order is kept."""
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         ds = self.datasets[split]
-        sampler = None
         world = _distributed_world()
-        if not train and world > 1:
-            sampler = _eval_sampler(ds, split, world)
-        if train and self.balanced_sampler:
-            counts = Counter(ds.labels)
-            weights = torch.tensor([1.0 / counts[y] for y in ds.labels], dtype=torch.double)
-            gen = torch.Generator().manual_seed(self.seed)
-            sampler = WeightedRandomSampler(weights, len(ds), replacement=True, generator=gen)
         workers = self.num_workers
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"num_workers": workers}
         if workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
             kwargs["prefetch_factor"] = 4
-        return BadFileLoader(
+            kwargs["worker_init_fn"] = partial(worker_init, rank=_distributed_rank())
+        kwargs["pin_memory"] = self.pin_memory and torch.cuda.is_available()
+        kwargs.update(bad_files=self.bad_files, split=split, training=train)
+        if not train:
+            sampler = _eval_sampler(ds, split, world) if world > 1 else None
+            return BadFileLoader(ds, batch_size=self.eval_batch_size, sampler=sampler, **kwargs)
+        weights = None
+        if self.balanced_sampler:
+            counts = Counter(ds.labels)
+            weights = [1.0 / counts[y] for y in ds.labels]
+        sampler = EpochSampler(
+            ds, seed=self.seed, weights=weights, num_replicas=world, rank=_distributed_rank()
+        )
+        loader = TrainLoader(
             ds,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train and sampler is None,
+            batch_size=self.batch_size,
             sampler=sampler,
-            num_workers=workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            drop_last=train and self.drop_last and len(ds) > self.batch_size,
-            bad_files=self.bad_files,
-            split=split,
-            training=train,
+            drop_last=self.drop_last and len(ds) > self.batch_size,
             **kwargs,
         )
+        if self._train_position is not None:
+            loader.load_state_dict(self._train_position)
+            self._train_position = None
+        self._train_loader = loader
+        return loader
+
+    # -- resuming ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training loader is in its epoch (saved in every checkpoint).
+
+        Lightning also saves it as the fit loop's loader state, but restores that only into a
+        loader built after the loops are restored; a module whose ``configure_optimizers`` asks
+        for ``trainer.estimated_stepping_batches`` has the loader built before. The datamodule's
+        own state is restored first of all, and handed to the loader when it is built.
+        """
+        if self._train_loader is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_loader")
+        self._train_position = dict(position) if position else None
 
     def skipped_files(self) -> dict[str, str]:
         """The files left out so far (``on_bad_file=skip``), path -> what was wrong, over all

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
@@ -497,3 +498,57 @@ class ResumableCSVLogger(CSVLogger):
             os.replace(kept, path)
             experiment.metrics_keys = list(header)
         return experiment
+
+    @rank_zero_only
+    def drop_rows_from(self, step: int) -> int:
+        """Remove the rows logged at ``step`` or later (written and pending); how many went.
+
+        A run that resumes from a checkpoint trains those steps again and logs them anew; rows
+        an earlier attempt wrote after that checkpoint (before it was killed, or when an older
+        checkpoint is resumed) would otherwise stay beside the new ones.
+        """
+        writer = self.experiment
+        pending = [row for row in writer.metrics if int(row.get("step", 0)) < step]
+        dropped = len(writer.metrics) - len(pending)
+        writer.metrics = pending
+        path = Path(writer.metrics_file_path)
+        if not path.is_file():
+            return dropped
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
+        if len(kept) == len(rows):
+            return dropped
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            out = csv.DictWriter(fh, fieldnames=header)
+            out.writeheader()
+            out.writerows(kept)
+        os.replace(tmp, path)
+        return dropped + len(rows) - len(kept)
+
+
+class CSVResume(Callback):
+    """At the start of training, drop the CSV rows of the steps about to be trained.
+
+    They are the steps from the checkpoint resumed (``trainer.global_step``; the CSV's ``step``
+    column counts optimizer steps too) onwards: a fresh start in a used folder drops them all.
+    Cutting by step, not by the number of rows written when the checkpoint was saved, keeps the
+    rows of an epoch's end (train epoch figures) that Lightning logs just after its end-of-epoch
+    checkpoint, and which a resumed run does not log again.
+    """
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                dropped = logger.drop_rows_from(trainer.global_step)
+                if dropped:
+                    log.info(
+                        "dropped %s rows of %s logged at step %s or later: this run trains "
+                        "those steps again",
+                        dropped,
+                        Path(logger.log_dir) / "metrics.csv",
+                        trainer.global_step,
+                    )

@@ -73,10 +73,11 @@ def clear_failure(out_dir: Path) -> None:
 def write_failure(
     out_dir: Path, err: BaseException, trace: str, duration_s: float | None = None
 ) -> None:
-    """Record why a run failed, next to whatever checkpoints and logs it left."""
+    """Record why a run failed (or was interrupted: the error's ``status``), next to whatever
+    checkpoints and logs it left."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = (
-        f"status: failed\ntime: {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        f"status: {getattr(err, 'status', 'failed')}\ntime: {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         + (f"duration_s: {duration_s:.1f}\n" if duration_s is not None else "")
         + f"error: {type(err).__name__}: {err}\n\n{trace}"
     )

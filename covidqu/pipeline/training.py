@@ -23,13 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidqu.constants import CLASSES
 from covidqu.data.layout import DataError
-from covidqu.errors import UserError
+from covidqu.errors import RunInterrupted, UserError
 from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
 from covidqu.models.networks import check_input_size
 from covidqu.pipeline import outputs
 from covidqu.pipeline.config import apply_synthetic_defaults, print_config
 from covidqu.pipeline.distributed import job_scope, use_job_command_for_ddp
-from covidqu.pipeline.loggers import finish_loggers, log_config
+from covidqu.pipeline.interrupts import StopOnSignal, interrupted
+from covidqu.pipeline.loggers import CSVResume, finish_loggers, log_config
 from covidqu.pipeline.preflight import check_resume, check_train
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ def train(cfg: DictConfig) -> float | None:
     checkpoints and logs the run left. In a sweep the failed job returns the worst possible
     value (-inf when maximising, +inf when minimising) so that the other jobs go on and an
     Optuna search moves away from it; the sweep's summary then reports the failure and exits
-    non-zero. Outside a sweep the error is raised.
+    non-zero. Outside a sweep the error is raised. SIGTERM or Ctrl-C raises
+    :class:`~covidqu.errors.RunInterrupted` (in a sweep too: the whole sweep stops), after
+    saving the state of that moment as ``checkpoints/last.ckpt`` when training was under way.
     """
     out_dir = Path(cfg.paths.output_dir)
     started = time.time()
@@ -129,6 +132,9 @@ def train(cfg: DictConfig) -> float | None:
     try:
         with job_scope():
             return _train(cfg, out_dir, started)
+    except RunInterrupted as err:
+        outputs.write_failure(out_dir, err, "", time.time() - started)
+        raise
     except Exception as err:
         outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
         if in_sweep():
@@ -140,6 +146,10 @@ def train(cfg: DictConfig) -> float | None:
             )
             return _worst(cfg)
         raise
+    except KeyboardInterrupt:  # Ctrl-C outside training (setup, final test): no traceback
+        stop = interrupted("SIGINT", out_dir)
+        outputs.write_failure(out_dir, stop, "", time.time() - started)
+        raise stop from None
     except BaseException as err:  # interrupted: record it, then stop as asked
         outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
         raise
@@ -182,7 +192,10 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     use_job_command_for_ddp()
 
     datamodule, module = build(cfg)
-    callbacks = instantiate_all(cfg.get("callbacks"))
+    # Not in the callbacks group: stopping cleanly and resuming without duplicated log rows
+    # are what train() promises, whichever callbacks a config lists.
+    stopper = StopOnSignal(out_dir / "checkpoints" / "last.ckpt")
+    callbacks = [*instantiate_all(cfg.get("callbacks")), stopper, CSVResume()]
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -192,14 +205,19 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     if resume and not cfg.get("ckpt_path"):
         fix += " Or set auto_resume=false to train afresh instead of resuming from it."
     try:
-        # Lightning reads the checkpoint it resumes from with torch.load(weights_only=True)
-        # when asked: a file that would unpickle other objects is refused, never run.
-        with refusing_unsafe("ckpt_path", resume, fix):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-        if trainer.interrupted:
-            raise KeyboardInterrupt(
-                f"training was interrupted; checkpoints so far are in {out_dir}"
-            )
+        try:
+            # Lightning reads the checkpoint it resumes from with torch.load(weights_only=True)
+            # when asked: a file that would unpickle other objects is refused, never run.
+            with refusing_unsafe("ckpt_path", resume, fix):
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        except (KeyboardInterrupt, SystemExit):  # SIGTERMException; a Ctrl-C ends in exit(1)
+            stop = stopper.interruption(out_dir)
+            if stop is None:
+                raise
+            raise stop from None
+        stop = stopper.interruption(out_dir)
+        if stop is not None:  # a signal as training ended: stop as asked, before testing
+            raise stop
         metrics = _final_metrics(cfg, trainer, module, datamodule, out_dir)
         metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
     finally:

@@ -1,0 +1,119 @@
+"""A training loader that a checkpoint taken in the middle of an epoch can resume exactly.
+
+Lightning saves the ``state_dict()`` of every training loader that has one into the fit loop's
+checkpoint state and hands it back to ``load_state_dict()`` on resume, but it has no notion of
+where inside an epoch a plain DataLoader was: a resumed run would start that epoch again from a
+fresh shuffle. Here the order of every epoch is a function of the seed and the epoch alone
+(:class:`EpochSampler`), and the loader counts the batches it handed to the training loop
+(:class:`ResumableLoader`), so a resumed run sees the rest of the interrupted epoch, in the same
+order, and every later epoch as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class EpochSampler(DistributedSampler):
+    """The training order of one process: a permutation (or a class-balanced draw) per epoch.
+
+    Torch's DistributedSampler already shuffles with a generator seeded by ``seed + epoch`` and
+    shards for DDP; Lightning calls :meth:`set_epoch` before each epoch and keeps a
+    DistributedSampler it is given instead of injecting its own. Added here: the balanced draw
+    (``weights``, with replacement, ``len(dataset)`` samples over all processes, from the same
+    generator) and :attr:`skip`, the number of samples the next iteration leaves out at its
+    start, which is how a resumed epoch continues.
+
+    Args:
+        dataset: the training split.
+        seed: with the epoch, fixes the order.
+        weights: per-sample weights for a balanced draw; ``None`` for a permutation.
+        num_replicas, rank: the DDP world and this process (1 and 0 without DDP).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int = 0,
+        weights: Sequence[float] | torch.Tensor | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        if self.weights is None:
+            indices = list(super().__iter__())
+        else:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            drawn = torch.multinomial(
+                self.weights, self.total_size, replacement=True, generator=gen
+            ).tolist()
+            indices = drawn[self.rank : self.total_size : self.num_replicas]
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader with the ``state_dict`` / ``load_state_dict`` Lightning saves and restores.
+
+    The state is the epoch under way and how many of its batches the training loop has taken.
+    Lightning's fetcher takes batches of a sized loader one at a time, as the loop needs them,
+    so batches handed out are batches trained on. The underlying iterator (and its workers) is
+    only started at the first ``next()``: Lightning creates a training iterator before it sets
+    the sampler's epoch, and a resumed run must know which epoch it is in before it skips.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch = 0
+        self._served = 0
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
+        sampler = self.sampler
+        self._epoch = int(getattr(sampler, "epoch", 0))
+        self._served = 0
+        resume, self._resume = self._resume, None
+        if resume and resume["epoch"] == self._epoch and isinstance(sampler, EpochSampler):
+            self._served = resume["batches"]
+            sampler.skip = resume["batches"] * (self.batch_size or 1)
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied by the next iteration if it is of the same epoch (a checkpoint from the middle
+        # of an epoch); one saved at an epoch's end resumes with the next epoch, from its start.
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+
+
+def worker_init(worker_id: int, rank: int | None = None) -> None:
+    """Let a DataLoader worker outlive SIGTERM and SIGINT, which its parent handles.
+
+    A scheduler's ``kill`` or a Ctrl-C reaches the whole process group; a worker that died of
+    it would make the main process fail with "DataLoader worker ... is killed by signal" before
+    it could save a checkpoint. The main process stops its workers itself when it shuts down,
+    and a worker left behind by a main process that died exits on its own. Lightning's seeding
+    of workers (``seed_everything(workers=True)``), which a worker_init_fn of our own replaces,
+    is applied here.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)
