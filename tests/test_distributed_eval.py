@@ -125,6 +125,7 @@ def test_analyze_a_split_on_two_processes(multiclass_ckpt, synth_root, tmp_path)
     assert_same_pictures(one, two)  # masks and overlays of each image, and the plots
 
 
+@pytest.mark.slow  # the split case above runs the same sharded stages
 def test_analyze_files_on_two_processes(multiclass_ckpt, synth_root, tmp_path):
     folder = synth_root / "Infection Segmentation Data" / "Infection Segmentation Data" / "Val"
     inputs = tmp_path / "in"

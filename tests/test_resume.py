@@ -237,3 +237,22 @@ def test_ddp_shards_of_an_epoch_are_disjoint_and_cover_it(synth_root):
     shards = [list(EpochSampler(ds, seed=5, num_replicas=2, rank=r)) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 5  # 9 images, one repeated to even them
     assert set(shards[0]) | set(shards[1]) == set(range(len(ds)))
+
+
+def test_a_process_with_live_loader_workers_exits(synth_root):
+    """Workers that outlive group-wide signals must still stop when their parent exits (a worker
+    ignoring SIGTERM hangs multiprocessing's clean-up at exit, and so the whole process)."""
+    script = f"""
+from covidqu.data.datamodule import LungDataModule
+dm = LungDataModule(root={str(synth_root)!r}, image_size=32, batch_size=4, num_workers=2,
+                    persistent_workers=True, augment=None)
+dm.setup("fit")
+live = iter(dm.train_dataloader())
+next(live)
+print("one batch", flush=True)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "one batch" in proc.stdout

@@ -104,16 +104,19 @@ class ResumableLoader(DataLoader):
 
 
 def worker_init(worker_id: int, rank: int | None = None) -> None:
-    """Let a DataLoader worker outlive SIGTERM and SIGINT, which its parent handles.
+    """Keep a DataLoader worker out of the signals meant for its parent, which handles them.
 
-    A scheduler's ``kill`` or a Ctrl-C reaches the whole process group; a worker that died of
-    it would make the main process fail with "DataLoader worker ... is killed by signal" before
-    it could save a checkpoint. The main process stops its workers itself when it shuts down,
-    and a worker left behind by a main process that died exits on its own. Lightning's seeding
-    of workers (``seed_everything(workers=True)``), which a worker_init_fn of our own replaces,
-    is applied here.
+    A Ctrl-C, or a ``kill`` of the process group, reaches every process of the group; a worker
+    that died of it would make the main process fail with "DataLoader worker ... is killed by
+    signal" before it could save a checkpoint. So each worker leads a process group of its own,
+    which group-wide signals do not reach, and ignores SIGINT. SIGTERM sent to the worker itself
+    keeps its default: that is how its parent stops a worker that does not exit when asked (and
+    how multiprocessing stops leftover workers at exit: a worker ignoring SIGTERM would hang it).
+    A worker whose parent died exits on its own. Lightning's seeding of workers
+    (``seed_everything(workers=True)``), which a worker_init_fn of our own replaces, is applied
+    here.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank)
