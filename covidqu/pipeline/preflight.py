@@ -296,6 +296,10 @@ def _differences(recipe: Mapping[str, Any], cfg: DictConfig) -> list[str]:
     return found
 
 
+#: How many differences a refused resume lists.
+_SHOWN = 6
+
+
 def resume_candidate(cfg: DictConfig, out_dir: Path) -> tuple[Path, str] | None:
     """The checkpoint ``train`` would resume from and the key that chose it, if any."""
     if cfg.get("ckpt_path"):
@@ -330,7 +334,10 @@ def check_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
     differences = _differences(recipe, cfg)
     if not differences:
         return path
-    listed = "\n  ".join(differences)
+    shown = differences[:_SHOWN]  # another task differs in every model key: the first few say it
+    if len(differences) > _SHOWN:
+        shown.append(f"... and {len(differences) - _SHOWN} more")
+    listed = "\n  ".join(shown)
     if why == "ckpt_path":
         raise ConfigError(
             f"ckpt_path={path} was written by another config, so this run cannot resume from "
