@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidqu.errors import ConfigError, MissingFileError, UserError
 from covidqu.pipeline.cli import report, user_errors
+from covidqu.pipeline.prediction import find_inputs
 
 _MISSING = object()
 
@@ -415,8 +416,7 @@ def _check_predict(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
                 "input=IMAGE_OR_FOLDER output=OUT_FOLDER"
             )
     check_checkpoint(cfg.ckpt_path, "ckpt_path")
-    if not Path(str(cfg.input)).expanduser().exists():
-        raise MissingFileError(f"input={cfg.input} does not exist; give an image file or a folder")
+    find_inputs(cfg.input, recursive=bool(cfg.get("recursive")))  # exists, holds images
     check_output_dir(cfg.output, "output")
 
 
@@ -430,8 +430,8 @@ def _check_analyze(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
     for key in ("lung_ckpt", "infection_ckpt"):
         if cfg.get(key):
             check_checkpoint(cfg[key], key)
-    if cfg.get("input") and not Path(str(cfg.input)).expanduser().exists():
-        raise MissingFileError(f"input={cfg.input} does not exist; give an image file or a folder")
+    if cfg.get("input"):
+        find_inputs(cfg.input, recursive=bool(cfg.get("recursive")))  # exists, holds images
     if cfg.get("output"):
         check_output_dir(cfg.output, "output")
     else:
