@@ -1,11 +1,12 @@
-"""``python -m covidqu.data {synth,inspect}``: make a synthetic tree, or check a real one."""
+"""``python -m covidqu.data {synth,inspect,pack}``: make a synthetic tree, check a real one, or
+pack one into memory-mapped arrays for fast loading (``data.cache=packed``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from covidqu.data import inspection, synth
+from covidqu.data import inspection, packed, synth
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspection.add_arguments(p)
     p.set_defaults(func=inspection.run)
+    p = sub.add_parser(
+        "pack",
+        help="decode and resize a tree once into the packed cache (data.cache=packed)",
+        description="Decode and resize every split of each subset once into memory-mapped arrays "
+        "under the cache folder, as data.cache=packed reads them. Exit 0: packed (or already "
+        "up to date); 1: files that could not be packed (each named); 2: not a COVID-QU-Ex tree.",
+    )
+    packed.add_arguments(p)
+    p.set_defaults(func=packed.run)
     return parser
 
 

@@ -29,8 +29,9 @@ from covidqu.data.badfiles import BadFileLoader, BadFileLog
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
 from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
 from covidqu.data.loading import EpochSampler, ResumableLoader, worker_init
-from covidqu.data.readers import SampleReader, build_reader
-from covidqu.data.transforms import build_transform
+from covidqu.data.readers import PngReader, SampleReader, build_reader
+from covidqu.data.transforms import _size, build_transform
+from covidqu.errors import ConfigError
 
 ENV_ROOT = "COVIDQU_ROOT"
 
@@ -130,6 +131,11 @@ class COVIDQUDataModule(pl.LightningDataModule):
         on_bad_file: what a file that cannot be read during the run does: ``error`` stops the
             run naming it, ``skip`` leaves the sample out of its batch and goes on (see
             :mod:`covidqu.data.badfiles`; :meth:`skipped_files` lists them).
+        cache: ``none`` decodes the PNG files of every sample on every epoch; ``packed``
+            decodes each split once into memory-mapped arrays under ``cache_dir`` (see
+            :mod:`covidqu.data.packed`), built in :meth:`prepare_data` and read through the
+            reader seam, with the same batches.
+        cache_dir: where ``packed`` keeps its arrays; ``None`` is ``paths.cache_dir``'s default.
     """
 
     subset: ClassVar[str]
@@ -153,6 +159,8 @@ class COVIDQUDataModule(pl.LightningDataModule):
         seed: int = 0,
         drop_last: bool = True,
         on_bad_file: str = "error",
+        cache: str = "none",
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         target = target or self.targets[0]
@@ -187,6 +195,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         self.datasets: dict[str, CXRDataset] = {}
         self._train_loader: ResumableLoader | None = None
         self._train_position: dict[str, int] | None = None
+        self.cache, self.cache_dir = self._check_cache(cache, reader), cache_dir
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -233,7 +242,9 @@ class COVIDQUDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Once per node, before any training step: a bad tree fails here, with every file named.
-        self.scan()
+        index = self.scan()
+        if self.cache == "packed":  # built here once per node; setup maps it in each process
+            self._packed(index)
 
     def setup(self, stage: str | None = None) -> None:
         needed = {
@@ -242,6 +253,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
             "test": ("test",),
             "predict": ("test",),
         }.get(stage or "", SPLITS)
+        self._open_cache()
         for split in needed:
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(split)
@@ -252,7 +264,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         return CXRDataset(
             self.split_samples(split),
             target=self.target,
-            transform=build_transform(self.image_size, augment),
+            transform=self._transform(augment),
             reader=self.reader,
             mean=self.mean,
             std=self.std,
@@ -334,6 +346,50 @@ class COVIDQUDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> BadFileLoader:
         return self.dataloader("test", train=False)
+
+    # -- packed cache --------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_cache(cache: str, reader: str | SampleReader) -> str:
+        if cache not in ("none", "packed"):
+            raise ConfigError(
+                f"data.cache={cache!r} is not one of none|packed: 'none' decodes the PNG files "
+                "every epoch, 'packed' decodes them once into arrays under data.cache_dir"
+            )
+        if cache == "packed" and not (reader == "png" or isinstance(reader, PngReader)):
+            raise ConfigError(
+                f"data.cache=packed reads pixels from its own arrays and replaces "
+                f"data.reader={reader!r}: set data.reader=png, or data.cache=none"
+            )
+        return cache
+
+    def _packed(self, index: Index) -> Any:
+        from covidqu.data.packed import default_cache_dir, ensure_packed
+
+        cache_dir = default_cache_dir() if self.cache_dir in (None, "") else self.cache_dir
+        return ensure_packed(index, self.subset, self.image_size, cache_dir, progress=_tqdm)
+
+    def _open_cache(self) -> None:
+        """Map the packed cache in this process (building it if ``prepare_data`` did not)."""
+        from covidqu.data.packed import PackedReader
+
+        if self.cache == "packed" and not isinstance(self.reader, PackedReader):
+            if self.index is None:
+                self.index = self.scan()
+            self.reader = PackedReader(self._packed(self.index).folder)
+
+    def _transform(self, augment: Sequence[A.BasicTransform] | None) -> A.Compose | None:
+        """Resize and ``augment``; without the resize when the reader gives that size already."""
+        if _size(self.image_size) != getattr(self.reader, "size", None):
+            return build_transform(self.image_size, augment)
+        return build_transform(self.image_size, augment, resize=False) if augment else None
+
+
+def _tqdm(total: int) -> Any:
+    """A progress bar for packing, on an interactive stderr only (it takes minutes)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="packing", unit="img", disable=None)
 
 
 class LungDataModule(COVIDQUDataModule):

@@ -27,21 +27,25 @@ def build_transform(
     image_size: int | Sequence[int],
     augment: Sequence[A.BasicTransform] | None = None,
     seed: int | None = None,
+    resize: bool = True,
 ) -> A.Compose:
     """Resize to ``image_size`` (an int or ``[height, width]``), then apply ``augment`` if given.
 
     Resizing comes first so that augmentations work on the size the model sees (cheaper, and
-    their pixel parameters mean the same whatever the source size).
+    their pixel parameters mean the same whatever the source size). ``resize=False`` leaves it
+    out, for pixels already at ``image_size`` (a packed cache), where it would only copy them.
     """
     h, w = _size(image_size)
-    steps: list[A.BasicTransform] = [
-        A.Resize(
-            h,
-            w,
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=cv2.INTER_NEAREST,
-            area_for_downscale="image",
+    steps: list[A.BasicTransform] = []
+    if resize:
+        steps.append(
+            A.Resize(
+                h,
+                w,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                area_for_downscale="image",
+            )
         )
-    ]
     steps += list(augment or [])
     return A.Compose(steps, seed=seed, mask_interpolation=cv2.INTER_NEAREST)

@@ -27,6 +27,8 @@ def datamodule_for(
     num_workers: int = 4,
     limit_per_class: Any = None,
     on_bad_file: str = "error",
+    cache: str = "none",
+    cache_dir: str | None = None,
 ) -> pl.LightningDataModule:
     """The DataModule a checkpoint was trained with, on ``root`` (else its training root).
 
@@ -46,6 +48,8 @@ def datamodule_for(
         limit_per_class=limit_per_class,
         augment=None,
         on_bad_file=on_bad_file,
+        cache=cache,
+        cache_dir=cache_dir,
     )
 
 
@@ -95,6 +99,8 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
         num_workers=cfg.data.num_workers,
         limit_per_class=cfg.data.get("limit_per_class"),
         on_bad_file=cfg.data.get("on_bad_file", "error"),
+        cache=cfg.data.get("cache", "none"),
+        cache_dir=cfg.data.get("cache_dir"),
     )
     datamodule.setup({"test": "test", "val": "validate", "train": "fit"}[split])
     module.keep_overlays = int(cfg.get("num_overlays", 0))
