@@ -133,15 +133,18 @@ def test_a_changed_tree_is_packed_again_and_an_unchanged_one_is_not(synth_copy, 
     again, _, _ = pack()
     assert not again.built and again.folder == first.folder  # unchanged: read, not rebuilt
 
-    # new pixels under the same name, same size and mtime as before... but for the mtime
+    # touched: the same bytes, a new modification time
     a, b = index.select(split="train")[:2]
-    st = os.stat(a.image)
-    shutil.copyfile(b.image, a.image)
-    os.utime(a.image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    touched, _, reader = pack()
+    st = os.stat(a.lung_mask)
+    os.utime(a.lung_mask, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    touched, _, _ = pack()
     assert touched.built and touched.folder != first.folder
-    assert np.array_equal(reader.image(a), read_image(b.image))
     assert packed_dirs(cache) == [touched.folder.parent, touched.folder]  # the stale one is gone
+
+    # new pixels under the same name
+    shutil.copyfile(b.image, a.image)
+    replaced, _, reader = pack()
+    assert replaced.built and np.array_equal(reader.image(a), read_image(b.image))
 
     # a file added (an image with its mask), then one removed
     extra = a.image.with_name("covid_999.png")
@@ -187,7 +190,7 @@ def test_two_processes_starting_together_pack_once(synth_root, tmp_path):
     ]
     for p in procs:
         p.start()
-    got = [results.get(timeout=120) for _ in procs]
+    got = [results.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -277,15 +280,33 @@ def test_pack_command(synth_copy, tmp_path):
     assert "Traceback" not in failed.stderr
 
 
-def test_training_reads_the_packed_cache(synth_root, tmp_path):
+def test_training_and_evaluation_read_the_packed_cache(synth_root, tmp_path, monkeypatch):
+    """A run with data.cache=packed packs once (prepare_data) and trains on it; eval with the
+    same cache reads the same arrays and scores the test split as training did."""
+    from covidqu.pipeline.evaluation import evaluate
     from covidqu.pipeline.training import train
 
     from pipeline_helpers import TINY, compose_config, read_metrics
 
     cache = tmp_path / "cache"
-    overrides = [*TINY, f"data.root={synth_root}", "data.cache=packed", f"data.cache_dir={cache}"]
-    cfg = compose_config("train", [*overrides, "debug=fdr"], tmp_path / "run")
-    train(cfg)
-    assert 0.0 <= read_metrics(tmp_path / "run")["val/dice"] <= 1.0
+    packing = ["data.cache=packed", f"data.cache_dir={cache}"]
+    run = tmp_path / "run"
+    overrides = [*TINY, f"data.root={synth_root}", *packing, "trainer.max_epochs=1"]
+    train(compose_config("train", overrides, run))
+    trained = read_metrics(run)
     (manifest,) = cache.rglob("manifest.json")
-    assert json.loads(manifest.read_text())["size"] == [SIZE, SIZE]
+    built = json.loads(manifest.read_text())
+    assert built["size"] == [SIZE, SIZE] and built["counts"] == {"train": 9, "val": 9, "test": 9}
+
+    ckpt = run / "checkpoints" / "best.ckpt"
+    evaluated = [f"ckpt_path={ckpt}", f"data.root={synth_root}", *packing, "num_overlays=0"]
+    cfg = compose_config(
+        "eval", [*evaluated, "data.num_workers=0", "trainer.accelerator=cpu"], tmp_path / "eval"
+    )
+    read = []
+    image = PackedReader.image
+    monkeypatch.setattr(PackedReader, "image", lambda self, s: read.append(s.id) or image(self, s))
+    metrics = evaluate(cfg)
+    assert len(read) == 9  # every test image came from the cache
+    assert metrics["test/dice"] == pytest.approx(trained["test/dice"], abs=1e-5)
+    assert json.loads(manifest.read_text())["build"] == built["build"]  # read, not rebuilt
