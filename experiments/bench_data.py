@@ -22,6 +22,7 @@ infection subset. Packing (once, timed) goes into ``--cache-dir`` (default: a te
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import tempfile
@@ -92,6 +93,12 @@ class HandWritten(Dataset):
 
 
 def throughput(loader: DataLoader, batches: int) -> float:
+    """Samples per second over ``batches`` batches, once the first is ready.
+
+    The loaders are not persistent: dropping the iterator stops (and joins) its workers, so the
+    batches they prefetched do not run on into the next loader's measurement. With persistent
+    workers they would, and the loader measured after a slow one would pay for its leftovers.
+    """
     it = iter(loader)
     next(it)  # workers started, first batch ready
     n, t0 = 0, time.perf_counter()
@@ -102,7 +109,10 @@ def throughput(loader: DataLoader, batches: int) -> float:
             it = iter(loader)
             b = next(it)
         n += b["image"].shape[0]
-    return n / (time.perf_counter() - t0)
+    rate = n / (time.perf_counter() - t0)
+    del it, b
+    gc.collect()
+    return rate
 
 
 def datamodule_class(root: Path) -> type:
@@ -116,7 +126,7 @@ def bench_loading(root: Path, workers: int, size: int, batches: int, batch_size:
         image_size=size,
         batch_size=batch_size,
         num_workers=workers,
-        persistent_workers=True,
+        persistent_workers=False,
         augment=None,
     )
     dm.setup("fit")
@@ -126,7 +136,7 @@ def bench_loading(root: Path, workers: int, size: int, batches: int, batch_size:
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
-        persistent_workers=workers > 0,
+        persistent_workers=False,
     )
     framework = dm.train_dataloader()
     rates = {}
@@ -183,7 +193,12 @@ def bench_packed(
 ) -> None:
     cls = datamodule_class(root)
     common = dict(
-        root=root, image_size=size, batch_size=batch_size, num_workers=workers, pin_memory=False
+        root=root,
+        image_size=size,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=False,
+        persistent_workers=False,
     )
     t0 = time.perf_counter()
     first = cls(**common, cache="packed", cache_dir=cache_dir)
@@ -210,7 +225,7 @@ def bench_packed(
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
-        persistent_workers=workers > 0,
+        persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         drop_last=True,
     )
