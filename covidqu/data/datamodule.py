@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +31,7 @@ from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
 from covidqu.data.loading import EpochSampler, ResumableLoader, worker_init
 from covidqu.data.readers import SampleReader, build_reader
 from covidqu.data.transforms import build_transform
+from covidqu.errors import ConfigError
 
 ENV_ROOT = "COVIDQU_ROOT"
 
@@ -130,6 +131,9 @@ class COVIDQUDataModule(pl.LightningDataModule):
         on_bad_file: what a file that cannot be read during the run does: ``error`` stops the
             run naming it, ``skip`` leaves the sample out of its batch and goes on (see
             :mod:`covidqu.data.badfiles`; :meth:`skipped_files` lists them).
+        device_augment: augmentation of whole training batches on the training device
+            (:class:`~covidqu.data.device_augment.BatchAugment`, ``augment.device``), applied
+            after transfer, in training only; it replaces ``augment``, never adds to it.
     """
 
     subset: ClassVar[str]
@@ -153,6 +157,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         seed: int = 0,
         drop_last: bool = True,
         on_bad_file: str = "error",
+        device_augment: Callable[..., dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         target = target or self.targets[0]
@@ -165,7 +170,14 @@ class COVIDQUDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters(ignore=["augment", "reader"])
+        if augment and device_augment is not None:
+            raise ConfigError(
+                "augment.train and augment.device are both set: every training batch would be "
+                "augmented twice, per sample in the loader and again on the device. Use one: "
+                "augment=gpu_light|gpu_strong (augment.train=[]) or augment=light|strong "
+                "(augment.device=null)."
+            )
+        self.save_hyperparameters(ignore=["augment", "reader", "device_augment"])
         self.root = None if root in (None, "") else Path(root).expanduser()
         self.target = target
         self.image_size = image_size
@@ -182,6 +194,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         self.seed = seed
         self.drop_last = drop_last
         self.bad_files = BadFileLog(on_bad_file)
+        self.device_augment = device_augment
         build_transform(image_size)  # validate the size now, not in a worker
         self.index: Index | None = None
         self.datasets: dict[str, CXRDataset] = {}
@@ -334,6 +347,23 @@ class COVIDQUDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> BadFileLoader:
         return self.dataloader("test", train=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``device_augment`` on a training batch, once it is on the device.
+
+        Its random parameters follow from the seed, the epoch, the batch's index in it and the
+        process's rank: a run resumed mid-epoch (Lightning restores the fit loop's counters)
+        augments its batches as the uninterrupted run did, and DDP processes differ.
+        """
+        trainer = self.trainer
+        if self.device_augment is None or batch is None or trainer is None:
+            return batch
+        if not trainer.training:  # validation, test, predict and sanity checks stay as read
+            return batch
+        # The hook runs before the loop counts the batch as ready: ``ready`` is its index.
+        index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        key = (self.seed, trainer.current_epoch, index, trainer.global_rank)
+        return self.device_augment(batch, key=key, mean=self.mean, std=self.std)
 
 
 class LungDataModule(COVIDQUDataModule):
