@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import albumentations as A
 import numpy as np
@@ -154,6 +155,24 @@ def test_each_transform_changes_the_batch_when_forced(switch: dict, masks: str |
         assert not moved.any()
 
 
+def test_a_flip_is_exact_and_samples_left_alone_stay_exact():
+    """Half the batch flipped, half not, in one resampling: each exactly as it should be."""
+    batch = case_batch(16, multiclass=True)
+    out = BatchAugment(flip_p=0.5)(batch, key=(0, 0, 0, 0), mean=MEAN, std=STD)
+    flipped = [not torch.equal(out["mask"][i], batch["mask"][i]) for i in range(16)]
+    assert 2 <= sum(flipped) <= 14
+    for i, f in enumerate(flipped):
+        for key in ("mask", "lung"):
+            want = batch[key][i].flip(-1) if f else batch[key][i]
+            assert torch.equal(out[key][i], want), (key, i)
+        want = batch["image"][i].flip(-1) if f else batch["image"][i]
+        assert (
+            torch.allclose(out["image"][i], want, atol=1e-5)
+            if f
+            else torch.equal(out["image"][i], want)
+        )
+
+
 def test_outside_the_image_is_black_and_background():
     """Zeros outside on the [0, 1] gray level: a black border, normalised like any pixel."""
     augment = BatchAugment(affine_p=1.0, scale=[0.5, 0.5])
@@ -223,6 +242,36 @@ def test_both_a_loader_and_a_device_augmentation_are_refused(synth_root: Path):
 def test_bad_parameters_name_their_key(bad: dict, key: str):
     with pytest.raises(ConfigError, match=rf"augment\.device\.{key}"):
         BatchAugment(**bad)
+
+
+def test_the_datamodule_keys_draws_by_epoch_batch_and_rank(synth_root: Path):
+    """The hook Lightning calls after transfer: training batches only, drawn by the fit
+    loop's position and the process's rank (a stand-in trainer says where the loop is)."""
+    dm = InfectionDataModule(
+        root=synth_root, image_size=32, batch_size=4, num_workers=0, seed=7,
+        device_augment=device_config("gpu_strong"),
+    )  # fmt: skip
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+
+    def hook(epoch: int = 0, index: int = 0, rank: int = 0, training: bool = True) -> dict:
+        progress = SimpleNamespace(current=SimpleNamespace(ready=index))
+        dm.trainer = SimpleNamespace(  # type: ignore[assignment]
+            training=training,
+            current_epoch=epoch,
+            global_rank=rank,
+            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+        )
+        return dm.on_after_batch_transfer(batch, 0)
+
+    assert hook(training=False) is batch  # validation, test, predict, sanity checks
+    first = hook()["image"]
+    assert not torch.equal(first, batch["image"])
+    assert torch.equal(first, hook()["image"])
+    for other in ({"rank": 1}, {"index": 1}, {"epoch": 1}):
+        assert not torch.equal(first, hook(**other)["image"]), other
+    dm.trainer = None
+    assert dm.on_after_batch_transfer(None, 0) is None  # a batch whose files were all skipped
 
 
 def _digest(t: torch.Tensor) -> str:

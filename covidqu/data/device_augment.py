@@ -243,7 +243,9 @@ class BatchAugment:
         linear = torch.where(affine[:, None, None], linear, eye)
         shift = torch.where(affine[:, None], shift, torch.zeros_like(shift))
         # affine_grid maps output to input: the inverse map, then the flip of the input.
-        inverse = torch.linalg.inv(linear)
+        (a, b), (c, d) = linear[:, 0].unbind(-1), linear[:, 1].unbind(-1)
+        inverse = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2)
+        inverse = inverse / (a * d - b * c)[:, None, None]
         theta = torch.cat([inverse, -(inverse @ shift[..., None])], dim=2)
         sign = torch.where(flip, -1.0, 1.0).to(torch.float64)
         theta[:, 0] *= sign[:, None]
@@ -284,40 +286,41 @@ class BatchAugment:
         geo: dict[str, Tensor],
         noise_gen: torch.Generator,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Resample the moved samples of the image (bilinear) and of every mask (nearest) on one
-        grid each; the others are left as they are."""
+        """Resample the image (bilinear) and every mask (nearest) on one grid per sample.
+
+        Samples that do not move take the identity grid, which nearest-neighbour reproduces
+        exactly (the caller restores their image): one batched call beats gathering the moved
+        samples out and scattering them back.
+        """
         device = x.device
-        idx = geo["moved"].nonzero().squeeze(1).to(device)
-        m, (h, w) = idx.numel(), x.shape[-2:]
-        theta = geo["theta"].to(device)[idx]
-        grid = F.affine_grid(theta, [m, 1, h, w], align_corners=False)
-        elastic = geo["elastic"].to(device)[idx]
-        if bool(elastic.any()):
+        n, _, h, w = x.shape
+        theta = geo["theta"].to(device, non_blocking=True)
+        grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+        # Which samples are elastic is known on the CPU: choosing them never waits for the device.
+        which = geo["elastic"].nonzero().squeeze(1)
+        if which.numel():
             # The displacement d(p) is taken in the output frame, before the affine map as
             # albumentations' Affine-then-Elastic does: input = theta(p + d) = theta(p) + L d.
-            which = elastic.nonzero().squeeze(1)
+            which = which.to(device)
             field = self._elastic_field(which.numel(), h, w, device, noise_gen)
             linear = theta[which, :, :2]
             grid[which] = grid[which] + torch.einsum("nhwj,nij->nhwi", field, linear)
 
-        x = x.clone()
-        x[idx] = F.grid_sample(
-            x[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         moved: dict[str, Tensor] = {}
         kinds = [k for k in MASK_KEYS if isinstance(batch.get(k), Tensor)]
         if kinds:
-            # Every mask as a float channel: values 0 / 1 or class indices survive exactly.
+            # Every mask as a float channel: nearest-neighbour copies values (0 / 1, class
+            # indices) or fills zeros, so they come back exactly.
             planes = [batch[k] if batch[k].dim() == 4 else batch[k][:, None] for k in kinds]
-            stack = torch.cat([p[idx].float() for p in planes], dim=1)
+            stack = torch.cat([p.float() for p in planes], dim=1)
             stack = F.grid_sample(
                 stack, grid, mode="nearest", padding_mode="zeros", align_corners=False
             )
             start = 0
             for kind, plane in zip(kinds, planes, strict=True):
                 c = plane.shape[1]
-                new = plane.clone()
-                new[idx] = stack[:, start : start + c].round().to(plane.dtype)
+                new = stack[:, start : start + c].to(plane.dtype)
                 start += c
                 moved[kind] = new if batch[kind].dim() == 4 else new[:, 0]
         return x, moved
