@@ -360,6 +360,37 @@ def test_a_training_run_augments_training_batches_only(synth_root: Path, referen
         assert sums == raw_val[int(index)]
 
 
+def test_a_fast_dev_run_with_gpu_light(synth_root: Path, tmp_path: Path):
+    """augment=gpu_light as a user types it, on the lung task: the step gets the loader's
+    images augmented (its only batch has affine p 0.7 per sample), validation the loader's."""
+    record = tmp_path / "batches.txt"
+    overrides = [
+        *TINY,
+        f"data.root={synth_root}",
+        "augment=gpu_light",
+        "debug=fdr",
+        "+callbacks.record._target_=test_device_augment.Recorder",
+        f"+callbacks.record.out={record}",
+    ]
+    train(compose_config("train", overrides, tmp_path / "run"))
+    dm = LungDataModule(root=synth_root, image_size=32, batch_size=4, num_workers=0, seed=42)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(0)
+    raw = next(iter(loader))
+    ((_, _, _, ids, image, mask),) = lines(record, "train")
+    assert ids == ",".join(raw["id"])
+    assert image != _digest(raw["image"]) and mask != _digest(raw["mask"])
+    raw = next(iter(dm.val_dataloader()))
+    val = lines(record, "val")
+    assert len(val) == 2  # the fit's validation and the final one
+    for _, _, _, ids, image, mask in val:
+        assert [ids, image, mask] == [
+            ",".join(raw["id"]),
+            _digest(raw["image"]),
+            _digest(raw["mask"]),
+        ]
+
+
 def test_a_run_resumed_mid_epoch_sees_the_same_augmented_batches(
     synth_root: Path, reference: Path, tmp_path: Path
 ):
