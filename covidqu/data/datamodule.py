@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -136,6 +136,9 @@ class COVIDQUDataModule(pl.LightningDataModule):
             :mod:`covidqu.data.packed`), built in :meth:`prepare_data` and read through the
             reader seam, with the same batches.
         cache_dir: where ``packed`` keeps its arrays; ``None`` is ``paths.cache_dir``'s default.
+        device_augment: augmentation of whole training batches on the training device
+            (:class:`~covidqu.data.device_augment.BatchAugment`, ``augment.device``), applied
+            after transfer, in training only; it replaces ``augment``, never adds to it.
     """
 
     subset: ClassVar[str]
@@ -161,6 +164,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         on_bad_file: str = "error",
         cache: str = "none",
         cache_dir: str | os.PathLike[str] | None = None,
+        device_augment: Callable[..., dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         target = target or self.targets[0]
@@ -173,7 +177,14 @@ class COVIDQUDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters(ignore=["augment", "reader"])
+        if augment and device_augment is not None:
+            raise ConfigError(
+                "augment.train and augment.device are both set: every training batch would be "
+                "augmented twice, per sample in the loader and again on the device. Use one: "
+                "augment=gpu_light|gpu_strong (augment.train=[]) or augment=light|strong "
+                "(augment.device=null)."
+            )
+        self.save_hyperparameters(ignore=["augment", "reader", "device_augment"])
         self.root = None if root in (None, "") else Path(root).expanduser()
         self.target = target
         self.image_size = image_size
@@ -190,6 +201,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         self.seed = seed
         self.drop_last = drop_last
         self.bad_files = BadFileLog(on_bad_file)
+        self.device_augment = device_augment
         build_transform(image_size)  # validate the size now, not in a worker
         self.index: Index | None = None
         self.datasets: dict[str, CXRDataset] = {}
@@ -383,6 +395,25 @@ class COVIDQUDataModule(pl.LightningDataModule):
         if _size(self.image_size) != getattr(self.reader, "size", None):
             return build_transform(self.image_size, augment)
         return build_transform(self.image_size, augment, resize=False) if augment else None
+
+    # -- batched augmentation on the device ---------------------------------------------------
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``device_augment`` on a training batch, once it is on the device.
+
+        Its random parameters follow from the seed, the epoch, the batch's index in it and the
+        process's rank: a run resumed mid-epoch (Lightning restores the fit loop's counters)
+        augments its batches as the uninterrupted run did, and DDP processes differ.
+        """
+        trainer = self.trainer
+        if self.device_augment is None or batch is None or trainer is None:
+            return batch
+        if not trainer.training:  # validation, test, predict and sanity checks stay as read
+            return batch
+        # The hook runs before the loop counts the batch as ready: ``ready`` is its index.
+        index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        key = (self.seed, trainer.current_epoch, index, trainer.global_rank)
+        return self.device_augment(batch, key=key, mean=self.mean, std=self.std)
 
 
 def _tqdm(total: int) -> Any:

@@ -3,6 +3,8 @@
 The augmentations come from the ``augment`` config group (``conf/augment/{none,light,strong}``)
 as a list of albumentations transforms. Every pipeline is applied to the image and all masks of a
 sample in one call, so geometry stays aligned; masks are resampled with nearest-neighbour.
+``augment=gpu_light|gpu_strong`` leave that list empty and augment whole batches on the training
+device instead (:mod:`covidqu.data.device_augment`).
 """
 
 from __future__ import annotations
