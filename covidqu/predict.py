@@ -12,12 +12,13 @@ from omegaconf import DictConfig
 import covidqu  # noqa: F401  (registers the config resolvers)
 from covidqu.errors import ConfigError
 from covidqu.pipeline.cli import reports_errors
-from covidqu.pipeline.prediction import predict
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 @reports_errors
 def main(cfg: DictConfig) -> None:
+    from covidqu.pipeline.prediction import predict  # here: --help needs no torch
+
     for key in ("ckpt_path", "input", "output"):
         if not cfg.get(key):
             raise ConfigError(

@@ -8,9 +8,12 @@ sample in one call, so geometry stays aligned; masks are resampled with nearest-
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import cv2
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 
 def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -33,6 +36,10 @@ def build_transform(
     Resizing comes first so that augmentations work on the size the model sees (cheaper, and
     their pixel parameters mean the same whatever the source size).
     """
+    # On use: albumentations takes a quarter second to import, which commands that never build
+    # a pipeline (``--help``, ``inspect``) should not pay.
+    import albumentations as A
+
     h, w = _size(image_size)
     steps: list[A.BasicTransform] = [
         A.Resize(
