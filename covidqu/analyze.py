@@ -15,13 +15,14 @@ import hydra
 from omegaconf import DictConfig
 
 import covidqu  # noqa: F401  (registers the config resolvers)
-from covidqu.pipeline.analysis import analyze
 from covidqu.pipeline.cli import reports_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
 @reports_errors
 def main(cfg: DictConfig) -> dict[str, Any]:
+    from covidqu.pipeline.analysis import analyze  # here: --help needs no torch
+
     return analyze(cfg)
 
 

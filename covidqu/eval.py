@@ -14,12 +14,13 @@ from omegaconf import DictConfig
 
 import covidqu  # noqa: F401  (registers the config resolvers)
 from covidqu.pipeline.cli import reports_errors
-from covidqu.pipeline.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 @reports_errors
 def main(cfg: DictConfig) -> dict[str, Any]:
+    from covidqu.pipeline.evaluation import evaluate  # here: --help needs no torch
+
     return evaluate(cfg)
 
 

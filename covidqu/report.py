@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from covidqu.pipeline.report import report
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidqu.report", description=__doc__)
     parser.add_argument("dir", help="a sweep folder, a run folder, or any folder of runs")
     parser.add_argument("--quiet", action="store_true", help="write the files, print nothing")
     args = parser.parse_args(argv)
+    from covidqu.pipeline.report import report  # here: --help needs no torch
+
     try:
         table = report(args.dir, quiet=args.quiet)
     except FileNotFoundError as err:

@@ -14,12 +14,13 @@ from omegaconf import DictConfig
 
 import covidqu  # noqa: F401  (registers the config resolvers)
 from covidqu.pipeline.cli import reports_errors
-from covidqu.pipeline.training import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @reports_errors
 def main(cfg: DictConfig) -> float | None:
+    from covidqu.pipeline.training import train  # here: --help needs no torch
+
     return train(cfg)
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import albumentations as A
 import numpy as np
 import torch
 from torch import Tensor
@@ -15,6 +14,9 @@ from covidqu.constants import SUBSET_MASKS, target_info
 from covidqu.data.badfiles import BadFile
 from covidqu.data.layout import DataError, Sample
 from covidqu.data.readers import PngReader, SampleReader
+
+if TYPE_CHECKING:
+    import albumentations as A  # only the pipeline's type: the pipeline is built elsewhere
 
 #: Mean and std of the gray level over ImageNet's three channels, so that a single-channel input
 #: matches what ImageNet-pretrained encoders (their first conv summed over RGB) expect.

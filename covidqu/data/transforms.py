@@ -10,9 +10,12 @@ device instead (:mod:`covidqu.data.device_augment`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import cv2
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 
 def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -37,6 +40,10 @@ def build_transform(
     their pixel parameters mean the same whatever the source size). ``resize=False`` leaves it
     out, for pixels already at ``image_size`` (a packed cache), where it would only copy them.
     """
+    # On use: albumentations takes a quarter second to import, which commands that never build
+    # a pipeline (``--help``, ``inspect``) should not pay.
+    import albumentations as A
+
     h, w = _size(image_size)
     steps: list[A.BasicTransform] = []
     if resize:

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from hydra.errors import InstantiationException
-from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from covidqu.errors import ConfigError, UserError
 
@@ -19,9 +18,13 @@ log = logging.getLogger("covidqu")
 T = TypeVar("T")
 
 
-#: Errors that a constructor raises for a bad argument: where Hydra's instantiate meets one, a
-#: config value was wrong (Hydra's message names its key).
-_BAD_ARGUMENT = (ValueError, TypeError, KeyError, MisconfigurationException)
+def _bad_argument() -> tuple[type[Exception], ...]:
+    """Errors that a constructor raises for a bad argument: where Hydra's instantiate meets one,
+    a config value was wrong (Hydra's message names its key)."""
+    # Imported on use: every entry point imports this module, and Lightning loads torch.
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    return (ValueError, TypeError, KeyError, MisconfigurationException)
 
 
 def user_error(err: BaseException) -> UserError | None:
@@ -32,7 +35,7 @@ def user_error(err: BaseException) -> UserError | None:
     if isinstance(err, InstantiationException):
         if isinstance(err.__cause__, UserError):
             return err.__cause__
-        if isinstance(err.__cause__, _BAD_ARGUMENT):
+        if isinstance(err.__cause__, _bad_argument()):
             return ConfigError(f"{err} (check the config keys under it)")
     return None
 

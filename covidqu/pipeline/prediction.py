@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from covidqu.data.badfiles import BadFile
 from covidqu.data.datasets import normalise
 from covidqu.data.layout import DataError
+from covidqu.data.loading import worker_init
 from covidqu.data.readers import read_image
 from covidqu.data.transforms import build_transform
 from covidqu.errors import MissingFileError
@@ -53,17 +57,17 @@ def find_inputs(path: str | os.PathLike[str], recursive: bool = False) -> list[P
     return files
 
 
-def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    """``items`` in consecutive slices of at most ``size``."""
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def resolve_device(device: str) -> str:
     """``auto``: the GPU where there is one, else the CPU; anything else as given."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def prepare(image: np.ndarray, transform: Any, mean: float, std: float) -> torch.Tensor:
+    """A 2-D uint8 image as the model's 1 x H x W input: resized by ``transform`` (see
+    :func:`covidqu.data.transforms.build_transform`) and normalised, as in evaluation."""
+    return normalise(transform(image=image)["image"], mean, std)
 
 
 def probabilities(module: Any, images: Sequence[np.ndarray], device: str) -> np.ndarray:
@@ -72,7 +76,7 @@ def probabilities(module: Any, images: Sequence[np.ndarray], device: str) -> np.
     pre = preprocessing(module)
     resize = build_transform(pre["image_size"])
     mean, std = float(pre["mean"]), float(pre["std"])
-    x = torch.stack([normalise(resize(image=img)["image"], mean, std) for img in images])
+    x = torch.stack([prepare(img, resize, mean, std) for img in images])
     with torch.inference_mode():
         return module.probabilities(module(x.to(device)).float()).cpu().numpy()
 
@@ -92,24 +96,66 @@ def output_names(files: Sequence[Path]) -> dict[Path, str]:
     return names
 
 
-def read_inputs(files: Sequence[Path]) -> tuple[list[tuple[Path, np.ndarray]], list[dict]]:
-    """The readable images (8-bit gray) with their files, and a row for each file that is not
-    (``status: error: ...``), logged and skipped."""
-    readable: list[tuple[Path, np.ndarray]] = []
-    rows: list[dict[str, Any]] = []
-    for f in files:
+def read_input(path: Path) -> np.ndarray:
+    """An input file as a 2-D uint8 image; a :class:`DataError` naming it if it cannot be one."""
+    image = read_image(path)
+    if min(image.shape) < MIN_SIDE:
+        raise DataError(
+            f"{path} is {image.shape[1]}x{image.shape[0]} px, too small for a chest X-ray "
+            f"(at least {MIN_SIDE} px a side)"
+        )
+    return image
+
+
+class InputImages(Dataset):
+    """The input files, each read, resized and normalised in a loader worker.
+
+    An item is ``(index, input, image)``: the model's input at the checkpoint's size and the
+    image at its own size (the mask and overlay are written at it); a file that cannot be read
+    gives a :class:`~covidqu.data.badfiles.BadFile` instead, as the training loaders do, so the
+    main process reports it (an error raised in a worker would end the run).
+    """
+
+    def __init__(self, files: Sequence[Path], image_size: Any, mean: float, std: float) -> None:
+        self.files = list(files)
+        self.transform = build_transform(image_size)
+        self.mean, self.std = float(mean), float(std)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, np.ndarray] | BadFile:
+        path = self.files[index]
         try:
-            image = read_image(f)
-            if min(image.shape) < MIN_SIDE:
-                raise DataError(
-                    f"{f} is {image.shape[1]}x{image.shape[0]} px, too small for a chest X-ray "
-                    f"(at least {MIN_SIDE} px a side)"
-                )
-            readable.append((f, image))
+            image = read_input(path)
         except DataError as err:
-            log.error("skipped %s: %s", f, err)
-            rows.append({"file": str(f), "status": f"error: {err}"})
-    return readable, rows
+            return BadFile(path=str(path), problem=str(err))
+        return index, prepare(image, self.transform, self.mean, self.std), image
+
+
+def collate_inputs(items: Sequence[Any]) -> tuple[list[int], torch.Tensor | None, list, list]:
+    """``(indices, inputs, images, bad)``: the readable items' inputs stacked (``None`` when
+    there are none), their images as they are (sizes differ), and the bad files' markers."""
+    bad = [item for item in items if isinstance(item, BadFile)]
+    good = [item for item in items if not isinstance(item, BadFile)]
+    inputs = torch.stack([x for _, x, _ in good]) if good else None
+    return [i for i, _, _ in good], inputs, [img for _, _, img in good], bad
+
+
+def input_loader(
+    files: Sequence[Path], pre: dict[str, Any], batch_size: int, num_workers: int, pin: bool
+) -> DataLoader:
+    """Batches of ``files`` in order, decoded and resized by ``num_workers`` processes (``0``:
+    in this one), at most a few batches ahead of the model."""
+    return DataLoader(
+        InputImages(files, pre["image_size"], pre["mean"], pre["std"]),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_inputs,
+        pin_memory=pin,
+        worker_init_fn=worker_init if num_workers else None,  # Ctrl-C reaches this process only
+    )
 
 
 def predict(
@@ -119,32 +165,57 @@ def predict(
     batch_size: int = 16,
     device: str = "auto",
     recursive: bool = False,
+    num_workers: int = 0,
+    progress_bar: bool = True,
 ) -> list[dict[str, Any]]:
-    """Predict every image at ``inputs`` into ``output``; return the rows of predictions.csv."""
+    """Predict every image at ``inputs`` into ``output``; return the rows of predictions.csv.
+
+    The images stream through a DataLoader: a batch is read, predicted and written before the
+    ones after it are needed, so memory holds a few batches whatever the number of files. The
+    output folder is made with the first readable batch: when no file can be read, it is left
+    as it was and a :class:`DataError` names the first problems.
+    """
     files = find_inputs(inputs, recursive=recursive)
-    readable, rows = read_inputs(files)
-    if not readable:  # nothing to predict: leave the output folder as it was
+    device = resolve_device(device)
+    module = load_module(ckpt_path, map_location=device)
+    out = Path(output).expanduser()
+    names = output_names(files)
+    loader = input_loader(
+        files, preprocessing(module), batch_size, num_workers, pin=device.startswith("cuda")
+    )
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=len(files),
+        desc="predict",
+        unit="img",
+        disable=None if progress_bar else True,  # None: only on a terminal
+        dynamic_ncols=True,
+    )
+    with bar, torch.inference_mode():
+        for indices, x, images, bad in loader:
+            for item in bad:
+                log.error("skipped %s: %s", item.path, item.problem)
+                rows.append({"file": item.path, "status": f"error: {item.problem}"})
+            if x is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                x = x.to(device, non_blocking=True)
+                probs = module.probabilities(module(x).float()).cpu().numpy()
+                for i, image, p in zip(indices, images, probs, strict=True):
+                    f = files[i]
+                    fields, pictures = module.predict_outputs(image, p)
+                    for suffix, picture in pictures.items():
+                        outputs.write_png(out / f"{names[f]}_{suffix}.png", picture)
+                    rows.append({"file": str(f), "status": "ok", **fields})
+            bar.update(len(indices) + len(bad))
+    failed = sum(1 for r in rows if r["status"] != "ok")
+    if failed == len(rows):  # nothing predicted: the output folder is as it was
         raise DataError(
             f"input={inputs}: none of its {len(files)} image file(s) can be read: "
             + "; ".join(r["status"].removeprefix("error: ") for r in rows[:3])
         )
-    device = resolve_device(device)
-    module = load_module(ckpt_path, map_location=device)
-    out = Path(output).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    names = output_names(files)
-
-    for batch in batches(readable, batch_size):
-        probs = probabilities(module, [img for _, img in batch], device)
-        for (f, img), p in zip(batch, probs, strict=True):
-            fields, pictures = module.predict_outputs(img, p)
-            for suffix, picture in pictures.items():
-                outputs.write_png(out / f"{names[f]}_{suffix}.png", picture)
-            rows.append({"file": str(f), "status": "ok", **fields})
     order = {str(f): i for i, f in enumerate(files)}
     rows.sort(key=lambda r: order[r["file"]])
     outputs.write_rows(out / PREDICTIONS_FILE, rows)
-    failed = sum(1 for r in rows if r["status"] != "ok")
     log.info(
         "predicted %d of %d images into %s (%d unreadable)",
         len(rows) - failed,

@@ -25,7 +25,6 @@ from covidqu.constants import CLASSES
 from covidqu.data.layout import DataError
 from covidqu.errors import RunInterrupted, UserError
 from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
-from covidqu.models.networks import check_input_size
 from covidqu.pipeline import outputs
 from covidqu.pipeline.config import apply_synthetic_defaults, print_config
 from covidqu.pipeline.distributed import job_scope, use_job_command_for_ddp
@@ -74,6 +73,9 @@ def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """The DataModule and LightningModule a config describes."""
+    # On use: it imports smp and timm (and timm imports wandb), a second of start-up.
+    from covidqu.models.networks import check_input_size
+
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
     check_input_size(net, datamodule.image_size)
