@@ -4,7 +4,8 @@ covidqu runs as ``python -m covidqu.train`` does: the DataModule (its resumable,
 the task's LightningModule with its metrics, the csv logger, every default callback (checkpoints,
 early stopping, learning-rate monitor, progress bar), composed from ``conf/``. The hand-written
 loop trains a fresh copy of the same network with the same loss and optimizer over a plain
-DataLoader of the same dataset (same batch size, workers, shuffling), and computes nothing else.
+DataLoader of the same dataset (same batch size, workers, shuffling; with ``augment=gpu_*`` the
+same batched augmentation on the device), and computes nothing else.
 
 Both run two epochs; the second is timed (workers, allocator and kernels are warm by then), from
 the start of the epoch to the end of its last training step: loading, forward, backward, step,
@@ -126,10 +127,14 @@ def hand_written_epoch(cfg, device: str, compute_only: bool = False) -> float:
     net.train()
     seconds = 0.0
     held = next(iter(loader)) if compute_only else None
+    augment = datamodule.device_augment
     for _ in range(2):
         sync(device)
         t0 = time.perf_counter()
-        for batch in [held] * len(loader) if compute_only else loader:
+        for i, batch in enumerate([held] * len(loader) if compute_only else loader):
+            if augment is not None:  # augment=gpu_*: the same batched augmentation, on device
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "id"}
+                batch = augment(batch, key=(0, 0, i, 0), mean=datamodule.mean, std=datamodule.std)
             x = batch["image"].to(device, non_blocking=True)
             y = batch["mask"].to(device, non_blocking=True)
             if channels_last:

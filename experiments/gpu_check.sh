@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU paths in one short script, for a machine with CUDA: bf16 + channels_last, compile,
-# DDP on GPUs when there are two or more, and the speed benchmarks on the GPU.
+# DDP on GPUs when there are two or more, the packed cache and batched augmentation on the GPU,
+# and the speed benchmarks on the GPU (whether loading starves it).
 #   bash experiments/gpu_check.sh [OUT]      (a few minutes on one recent GPU)
 # Each run writes metrics.json under OUT; the last step prints them all side by side.
 set -euo pipefail
@@ -21,6 +22,12 @@ common=(data.root="$out/data" encoder=resnet34 encoder.weights=null data.image_s
 "$py" -m covidqu.train task=infection trainer=gpu module.channels_last=true "${common[@]}" \
     hydra.run.dir="$out/infection_bf16_cl"
 "$py" -m covidqu.train task=classify trainer=gpu "${common[@]}" hydra.run.dir="$out/classify_bf16"
+# the packed cache and batched augmentation on the device
+"$py" -m covidqu.data pack "$out/data" --size 256 --cache-dir "$out/cache"
+"$py" -m covidqu.train trainer=gpu module.channels_last=true data.cache=packed \
+    data.cache_dir="$out/cache" augment=gpu_light "${common[@]}" hydra.run.dir="$out/lung_packed_gpu_light"
+"$py" -m covidqu.train task=infection trainer=gpu data.cache=packed data.cache_dir="$out/cache" \
+    augment=gpu_strong "${common[@]}" hydra.run.dir="$out/infection_packed_gpu_strong"
 # torch.compile
 "$py" -m covidqu.train trainer=gpu module.compile=true "${common[@]}" hydra.run.dir="$out/lung_compile"
 # DDP on GPUs, a single run and inside a sweep
@@ -36,5 +43,17 @@ fi
     trainer.precision=bf16-mixed hydra.run.dir="$out/eval"
 # the framework's overhead on the GPU, and data loading with 8 workers
 "$py" experiments/bench_train.py --device cuda --size 256 --batch 16 --steps 30
-"$py" experiments/bench_data.py --workers 8 --root "$out/data"
+# a larger tree for the speed figures: 1,200 training images a subset
+"$py" -m covidqu.data synth "$out/bench" --per-class 400 --size 256 --seed 1 --force
+"$py" experiments/bench_data.py --workers 8 --root "$out/bench" --skip-scan --cache-dir "$out/cache"
+"$py" experiments/bench_augment.py --device cuda --root "$out/bench" --strong
+# U-Net ResNet-34, 256 px, bf16, channels-last: an epoch from PNG files and from the packed
+# cache, each against a hand-written loop and against the compute alone (whether the GPU waits)
+for aug in light gpu_light; do
+    for cache in none packed; do
+        "$py" experiments/bench_epoch.py --device cuda --root "$out/bench" --task lung \
+            --size 256 --batch 32 --per-class 400 --encoder resnet34 --workers 8 --repeats 2 \
+            --set augment=$aug data.cache=$cache data.cache_dir="$out/cache"
+    done
+done
 "$py" -m covidqu.report "$out"
