@@ -5,7 +5,8 @@ the task's LightningModule with its metrics, the csv logger, every default callb
 early stopping, learning-rate monitor, progress bar), composed from ``conf/``. The hand-written
 loop trains a fresh copy of the same network with the same loss and optimizer over a plain
 DataLoader of the same dataset (same batch size, workers, shuffling; with ``augment=gpu_*`` the
-same batched augmentation on the device), and computes nothing else.
+same batched augmentation on the device; with ``data.normalise=device`` the same conversion
+there), and computes nothing else.
 
 Both run two epochs; the second is timed (workers, allocator and kernels are warm by then), from
 the start of the epoch to the end of its last training step: loading, forward, backward, step,
@@ -37,6 +38,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
+from covidqu.data.datasets import finish_batch
 from covidqu.pipeline.training import build, instantiate_all
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -132,8 +134,11 @@ def hand_written_epoch(cfg, device: str, compute_only: bool = False) -> float:
         sync(device)
         t0 = time.perf_counter()
         for i, batch in enumerate([held] * len(loader) if compute_only else loader):
-            if augment is not None:  # augment=gpu_*: the same batched augmentation, on device
+            if augment is not None or datamodule.normalise == "device":
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "id"}
+            if datamodule.normalise == "device":  # uint8 batches: made float on the device
+                batch = finish_batch(batch, datamodule.mean, datamodule.std)
+            if augment is not None:  # augment=gpu_*: the same batched augmentation, on device
                 batch = augment(batch, key=(0, 0, i, 0), mean=datamodule.mean, std=datamodule.std)
             x = batch["image"].to(device, non_blocking=True)
             y = batch["mask"].to(device, non_blocking=True)
