@@ -291,3 +291,38 @@ def test_config_defaults_to_the_environment_root(synth_root: Path, monkeypatch: 
         cfg = compose("train", overrides=["task=classify", "data=infection"])
     assert cfg.data.root == str(synth_root)
     assert cfg.data._target_.endswith("InfectionDataModule")  # the command line beats the task
+
+
+@pytest.mark.parametrize(
+    ("cls", "target"),
+    [
+        (LungDataModule, "lung"),
+        (InfectionDataModule, "infection"),
+        (InfectionDataModule, "infection_multiclass"),
+    ],
+)
+def test_normalise_on_the_device_gives_the_same_batches(synth_root: Path, cls, target):
+    """data.normalise=device: the loaders give uint8 tensors (a quarter of the bytes), and the
+    DataModule's transfer hook makes exactly the float batch normalise=loader gives."""
+    on_loader = full_batch(make(cls, synth_root, target=target))
+    dm = make(cls, synth_root, target=target, normalise="device")
+    raw = full_batch(dm)
+    assert {raw[k].dtype for k in ("image", "mask", *(["lung"] if "lung" in raw else []))} == {
+        torch.uint8
+    }
+    assert raw["image"].nbytes * 4 == on_loader["image"].nbytes
+    finished = dm.on_after_batch_transfer(raw, 0)
+    assert finished.keys() == on_loader.keys()
+    for key, want in on_loader.items():
+        got = finished[key]
+        if isinstance(want, torch.Tensor):
+            assert got.dtype == want.dtype and torch.equal(got, want), key
+        else:
+            assert got == want, key
+
+
+def test_normalise_must_be_loader_or_device(synth_root: Path):
+    from covidqu.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.normalise='gpu'.*loader\|device"):
+        make(LungDataModule, synth_root, normalise="gpu")

@@ -310,3 +310,16 @@ def test_training_and_evaluation_read_the_packed_cache(synth_root, tmp_path, mon
     assert len(read) == 9  # every test image came from the cache
     assert metrics["test/dice"] == pytest.approx(trained["test/dice"], abs=1e-5)
     assert json.loads(manifest.read_text())["build"] == built["build"]  # read, not rebuilt
+
+    # The fast path: packed arrays sent as uint8 and made float on the device (data.normalise
+    # =device) trains and scores exactly as float batches made in the loader do.
+    run2 = tmp_path / "run_device"
+    train(compose_config("train", [*overrides, "data.normalise=device"], run2))
+    assert read_metrics(run2)["val/dice"] == trained["val/dice"]
+    assert read_metrics(run2)["test/dice"] == trained["test/dice"]
+    cfg = compose_config(
+        "eval",
+        [*evaluated, "data.num_workers=0", "trainer.accelerator=cpu", "data.normalise=device"],
+        tmp_path / "eval_device",
+    )
+    assert evaluate(cfg)["test/dice"] == metrics["test/dice"]

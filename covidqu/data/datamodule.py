@@ -26,7 +26,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 
 from covidqu.constants import SPLITS, subset_targets
 from covidqu.data.badfiles import BadFileLoader, BadFileLog
-from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset
+from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset, finish_batch
 from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
 from covidqu.data.loading import EpochSampler, ResumableLoader, worker_init
 from covidqu.data.readers import PngReader, SampleReader, build_reader
@@ -136,6 +136,11 @@ class COVIDQUDataModule(pl.LightningDataModule):
             :mod:`covidqu.data.packed`), built in :meth:`prepare_data` and read through the
             reader seam, with the same batches.
         cache_dir: where ``packed`` keeps its arrays; ``None`` is ``paths.cache_dir``'s default.
+        normalise: where batches become float: ``loader`` (in the workers: the loaders give
+            the batch contract's tensors) or ``device`` (the loaders give uint8 image and masks,
+            a quarter of the bytes to collate, pass between processes and copy to the GPU;
+            :meth:`on_after_batch_transfer` makes the same float tensors on the device, so
+            modules see no difference inside a Trainer).
         device_augment: augmentation of whole training batches on the training device
             (:class:`~covidqu.data.device_augment.BatchAugment`, ``augment.device``), applied
             after transfer, in training only; it replaces ``augment``, never adds to it.
@@ -165,6 +170,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         cache: str = "none",
         cache_dir: str | os.PathLike[str] | None = None,
         device_augment: Callable[..., dict[str, Any]] | None = None,
+        normalise: str = "loader",
     ) -> None:
         super().__init__()
         target = target or self.targets[0]
@@ -202,6 +208,13 @@ class COVIDQUDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         self.bad_files = BadFileLog(on_bad_file)
         self.device_augment = device_augment
+        if normalise not in ("loader", "device"):
+            raise ConfigError(
+                f"data.normalise={normalise!r} is not one of loader|device: 'loader' makes float "
+                "batches in the loader workers, 'device' sends uint8 batches and makes them float "
+                "on the training device"
+            )
+        self.normalise = normalise
         build_transform(image_size)  # validate the size now, not in a worker
         self.index: Index | None = None
         self.datasets: dict[str, CXRDataset] = {}
@@ -281,6 +294,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
             mean=self.mean,
             std=self.std,
             mark_bad_files=True,
+            as_uint8=self.normalise == "device",
         )
 
     # -- loaders -------------------------------------------------------------------------------
@@ -399,14 +413,19 @@ class COVIDQUDataModule(pl.LightningDataModule):
     # -- batched augmentation on the device ---------------------------------------------------
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """``device_augment`` on a training batch, once it is on the device.
+        """With ``normalise=device``, the uint8 batch made float; then ``device_augment`` on a
+        training batch, once it is on the device.
 
         Its random parameters follow from the seed, the epoch, the batch's index in it and the
         process's rank: a run resumed mid-epoch (Lightning restores the fit loop's counters)
         augments its batches as the uninterrupted run did, and DDP processes differ.
         """
+        if batch is None:
+            return batch
+        if self.normalise == "device":  # every stage: uint8 batches become the contract's here
+            batch = finish_batch(batch, self.mean, self.std)
         trainer = self.trainer
-        if self.device_augment is None or batch is None or trainer is None:
+        if self.device_augment is None or trainer is None:
             return batch
         if not trainer.training:  # validation, test, predict and sanity checks stay as read
             return batch

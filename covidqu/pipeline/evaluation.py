@@ -29,6 +29,7 @@ def datamodule_for(
     on_bad_file: str = "error",
     cache: str = "none",
     cache_dir: str | None = None,
+    normalise: str = "loader",
 ) -> pl.LightningDataModule:
     """The DataModule a checkpoint was trained with, on ``root`` (else its training root).
 
@@ -50,6 +51,7 @@ def datamodule_for(
         on_bad_file=on_bad_file,
         cache=cache,
         cache_dir=cache_dir,
+        normalise=normalise,
     )
 
 
@@ -68,6 +70,11 @@ class SplitAsTest(pl.LightningDataModule):
 
     def test_dataloader(self) -> Any:
         return self.datamodule.dataloader(self.split)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this wrapper's hook, not the DataModule's: data.normalise=device
+        # batches are made float there.
+        return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -101,6 +108,7 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
         on_bad_file=cfg.data.get("on_bad_file", "error"),
         cache=cfg.data.get("cache", "none"),
         cache_dir=cfg.data.get("cache_dir"),
+        normalise=cfg.data.get("normalise", "loader"),
     )
     datamodule.setup({"test": "test", "val": "validate", "train": "fit"}[split])
     module.keep_overlays = int(cfg.get("num_overlays", 0))
