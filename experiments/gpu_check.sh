@@ -25,7 +25,7 @@ common=(data.root="$out/data" encoder=resnet34 encoder.weights=null data.image_s
 # the packed cache and batched augmentation on the device
 "$py" -m covidqu.data pack "$out/data" --size 256 --cache-dir "$out/cache"
 "$py" -m covidqu.train trainer=gpu module.channels_last=true data.cache=packed \
-    data.cache_dir="$out/cache" augment=gpu_light "${common[@]}" hydra.run.dir="$out/lung_packed_gpu_light"
+    data.cache_dir="$out/cache" data.normalise=device augment=gpu_light "${common[@]}" hydra.run.dir="$out/lung_packed_gpu_light"
 "$py" -m covidqu.train task=infection trainer=gpu data.cache=packed data.cache_dir="$out/cache" \
     augment=gpu_strong "${common[@]}" hydra.run.dir="$out/infection_packed_gpu_strong"
 # torch.compile
@@ -50,10 +50,11 @@ fi
 # U-Net ResNet-34, 256 px, bf16, channels-last: an epoch from PNG files and from the packed
 # cache, each against a hand-written loop and against the compute alone (whether the GPU waits)
 for aug in light gpu_light; do
-    for cache in none packed; do
+    for data in "data.cache=none" "data.cache=packed" "data.cache=packed data.normalise=device"; do
+        # shellcheck disable=SC2086  # $data holds several overrides
         "$py" experiments/bench_epoch.py --device cuda --root "$out/bench" --task lung \
             --size 256 --batch 32 --per-class 400 --encoder resnet34 --workers 8 --repeats 2 \
-            --set augment=$aug data.cache=$cache data.cache_dir="$out/cache"
+            --set augment=$aug $data data.cache_dir="$out/cache"
     done
 done
 "$py" -m covidqu.report "$out"
