@@ -36,6 +36,7 @@ def main(cfg: DictConfig) -> None:
         recursive=cfg.recursive,
         num_workers=cfg.num_workers,
         progress_bar=cfg.progress_bar,
+        tta=cfg.get("tta", "none"),
     )
 
 

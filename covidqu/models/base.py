@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from covidqu.models.tta import check_tta, tta_probabilities
 from covidqu.resolvers import to_plain
 
 STAGES = ("train", "val", "test")
@@ -83,6 +84,9 @@ class CXRModule(pl.LightningModule):
         #: How many test images to keep for overlays, and the kept (image, target, output).
         self.keep_overlays = 0
         self.overlays: list[dict[str, Any]] = []
+        #: Test-time augmentation of the test step and of :meth:`predict_probabilities` (set by
+        #: eval, predict and analyze; never saved in a checkpoint, never used in training).
+        self.tta = "none"
         self.save_hyperparameters(
             ignore=["net", "loss", "metrics", "optimizer", "scheduler", "recipe"]
         )
@@ -100,6 +104,36 @@ class CXRModule(pl.LightningModule):
         """Class or pixel probabilities from logits (sigmoid for one channel, else softmax)."""
         return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
+    def logits_of(self, probabilities: Tensor) -> Tensor:
+        """Logits whose :meth:`probabilities` are ``probabilities`` (logit for one channel, log
+        for softmax), clamped off 0 and 1 so a loss on them stays finite: with them, the test
+        step's metrics, rows and overlays, which read logits, score averaged probabilities."""
+        if probabilities.shape[1] == 1:
+            return torch.logit(probabilities, eps=1e-6)
+        return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
+
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation: ``none``, ``flip`` or ``flip_scale`` (see
+        :mod:`covidqu.models.tta`)."""
+        return self._tta
+
+    @tta.setter
+    def tta(self, mode: str) -> None:
+        self._tta = check_tta(mode)
+
+    def predict_probabilities(self, image: Tensor) -> Tensor:
+        """The probabilities of a batch as evaluation and prediction give them: averaged over
+        the test-time augmentation :attr:`tta`."""
+        return tta_probabilities(self, self.probabilities, image, self.tta)
+
+    def test_logits(self, image: Tensor) -> Tensor:
+        """The logits the test step scores: the network's, or under :attr:`tta` those of the
+        averaged probabilities (:meth:`logits_of`)."""
+        if self.tta == "none":
+            return self(image)
+        return self.logits_of(self.predict_probabilities(image))
+
     def stage_metrics(self, stage: str) -> Metric:
         """The metric set of ``stage`` (``train``, ``val`` or ``test``)."""
         return getattr(self, f"{stage}_metrics")
@@ -107,7 +141,8 @@ class CXRModule(pl.LightningModule):
     # -- steps -----------------------------------------------------------------------------------
 
     def _step(self, batch: Mapping[str, Any], stage: str) -> tuple[Tensor, Tensor | None]:
-        logits = self(batch["image"])
+        # test-time augmentation in the test step only: training and validation see the network
+        logits = self.test_logits(batch["image"]) if stage == "test" else self(batch["image"])
         target = batch[self.target_key]
         loss = self.loss_fn(logits, target) if self.loss_fn is not None else None
         bs = batch["image"].shape[0]

@@ -36,6 +36,7 @@ from covidqu.errors import ConfigError
 from covidqu.models.base import gather_rows
 from covidqu.models.checkpoint import load_module
 from covidqu.models.figures import caption, tint
+from covidqu.models.tta import check_tta
 from covidqu.pipeline import outputs
 from covidqu.pipeline.distributed import evaluation_trainer, job_scope
 from covidqu.pipeline.prediction import find_inputs, output_names, probabilities
@@ -345,12 +346,16 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
             "infection_ckpt=INF.ckpt input=FILE_OR_DIR (or data.root=ROOT split=test), or "
             "infection_ckpt alone for a model trained with data.target=infection_multiclass"
         )
+    check_tta(cfg.get("tta", "none"))
     with job_scope():
         return _analyze(cfg)
 
 
 def _analyze(cfg: DictConfig) -> dict[str, Any]:
+    tta = cfg.get("tta", "none")
     stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, "cpu")
+    for stage_module in stages.modules():
+        stage_module.tta = tta  # both stages' masks are of the TTA mean
     trainer = evaluation_trainer(trainer_config(cfg))
     cutoffs = check_cutoffs(cfg.grades)
     out = Path(cfg.output or cfg.paths.output_dir).expanduser()  # made once the models fit
@@ -363,18 +368,21 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
         files = find_inputs(cfg.input, recursive=cfg.get("recursive", False))
         module = TwoStages(stages, cutoffs, threshold, out)
         rows = run_stages(trainer, module, files, batch_size, workers)
+        # no metrics.json here: each row names the TTA, as predict's rows do
+        rows = [{**r, "tta": tta} if r["status"] == "ok" else r for r in rows]
         done = [r for r in rows if r["status"] == "ok"]
         if trainer.is_global_zero:
             outputs.write_rows(out / ANALYSIS_FILE, rows)
             log.info(
-                "analysed %d of %d images into %s (%d COVID-19 calls at threshold %.3g %%)",
+                "analysed %d of %d images into %s (%d COVID-19 calls at threshold %.3g %%, tta=%s)",
                 len(done),
                 len(rows),
                 out,
                 sum(r["covid"] for r in done),
                 threshold,
+                tta,
             )
-        return {"images": len(done), "threshold": threshold}
+        return {"images": len(done), "threshold": threshold, "tta": tta}
 
     split = cfg.split
     limit = cfg.data.get("limit_per_class")
@@ -404,6 +412,7 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         metrics = score(rows, threshold, source, cfg, out)
         metrics["split"] = split
+        metrics["tta"] = tta
         metrics["world_size"] = int(trainer.world_size)
         outputs.write_rows(out / ANALYSIS_FILE, rows)
         outputs.write_metrics(out, metrics)

@@ -12,6 +12,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from covidqu.models.checkpoint import load_module, preprocessing
+from covidqu.models.tta import check_tta
 from covidqu.pipeline import outputs
 from covidqu.pipeline.distributed import evaluation_trainer, job_scope
 
@@ -90,6 +91,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = cfg.get("split", "test")
     if split not in SPLITS:
         raise ValueError(f"split={split} is not one of {SPLITS}")
+    check_tta(cfg.get("tta", "none"))
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with job_scope():
@@ -97,7 +99,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
+    tta = cfg.get("tta", "none")
     module = load_module(cfg.ckpt_path)
+    module.tta = tta  # every figure, row and overlay of the test step is of the TTA mean
     pre = preprocessing(module)
     datamodule = datamodule_for(
         pre,
@@ -120,11 +124,18 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     metrics["monitor"] = module.recipe.get("task", {}).get("monitor")
     metrics["checkpoint"] = str(Path(cfg.ckpt_path).expanduser().resolve())
     metrics["split"] = split
+    metrics["tta"] = tta
     metrics["images"] = len(module.test_records)
     metrics["world_size"] = int(trainer.world_size)
     metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
     outputs.write_metrics(out_dir, metrics)
     outputs.write_test_outputs(module, out_dir)
     if trainer.is_global_zero:
-        log.info("evaluated %d %s images; outputs in %s", len(module.test_records), split, out_dir)
+        log.info(
+            "evaluated %d %s images (tta=%s); outputs in %s",
+            len(module.test_records),
+            split,
+            tta,
+            out_dir,
+        )
     return metrics

@@ -30,6 +30,7 @@ from covidqu.data.readers import read_image
 from covidqu.data.transforms import build_transform
 from covidqu.errors import MissingFileError
 from covidqu.models.checkpoint import load_module, preprocessing
+from covidqu.models.tta import check_tta
 from covidqu.pipeline import outputs
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,14 @@ def prepare(image: np.ndarray, transform: Any, mean: float, std: float) -> torch
 
 def probabilities(module: Any, images: Sequence[np.ndarray], device: str) -> np.ndarray:
     """The module's probabilities (B x C x h x w or B x C) for 2-D uint8 images of any size,
-    resized and normalised as the checkpoint's evaluation split was."""
+    resized and normalised as the checkpoint's evaluation split was, averaged over the
+    module's test-time augmentation (``module.tta``)."""
     pre = preprocessing(module)
     resize = build_transform(pre["image_size"])
     mean, std = float(pre["mean"]), float(pre["std"])
     x = torch.stack([prepare(img, resize, mean, std) for img in images])
     with torch.inference_mode():
-        return module.probabilities(module(x.to(device)).float()).cpu().numpy()
+        return module.predict_probabilities(x.to(device)).cpu().numpy()
 
 
 def output_names(files: Sequence[Path]) -> dict[Path, str]:
@@ -167,17 +169,22 @@ def predict(
     recursive: bool = False,
     num_workers: int = 0,
     progress_bar: bool = True,
+    tta: str = "none",
 ) -> list[dict[str, Any]]:
     """Predict every image at ``inputs`` into ``output``; return the rows of predictions.csv.
 
     The images stream through a DataLoader: a batch is read, predicted and written before the
     ones after it are needed, so memory holds a few batches whatever the number of files. The
     output folder is made with the first readable batch: when no file can be read, it is left
-    as it was and a :class:`DataError` names the first problems.
+    as it was and a :class:`DataError` names the first problems. ``tta`` is the test-time
+    augmentation (:mod:`covidqu.models.tta`); each row of predictions.csv names it, so the file
+    says how its masks were made without the run's log.
     """
+    check_tta(tta)
     files = find_inputs(inputs, recursive=recursive)
     device = resolve_device(device)
     module = load_module(ckpt_path, map_location=device)
+    module.tta = tta
     out = Path(output).expanduser()
     names = output_names(files)
     loader = input_loader(
@@ -199,13 +206,13 @@ def predict(
             if x is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 x = x.to(device, non_blocking=True)
-                probs = module.probabilities(module(x).float()).cpu().numpy()
+                probs = module.predict_probabilities(x).cpu().numpy()
                 for i, image, p in zip(indices, images, probs, strict=True):
                     f = files[i]
                     fields, pictures = module.predict_outputs(image, p)
                     for suffix, picture in pictures.items():
                         outputs.write_png(out / f"{names[f]}_{suffix}.png", picture)
-                    rows.append({"file": str(f), "status": "ok", **fields})
+                    rows.append({"file": str(f), "status": "ok", **fields, "tta": tta})
             bar.update(len(indices) + len(bad))
     failed = sum(1 for r in rows if r["status"] != "ok")
     if failed == len(rows):  # nothing predicted: the output folder is as it was
@@ -217,10 +224,11 @@ def predict(
     rows.sort(key=lambda r: order[r["file"]])
     outputs.write_rows(out / PREDICTIONS_FILE, rows)
     log.info(
-        "predicted %d of %d images into %s (%d unreadable)",
+        "predicted %d of %d images into %s (%d unreadable), tta=%s",
         len(rows) - failed,
         len(rows),
         out,
         failed,
+        tta,
     )
     return rows

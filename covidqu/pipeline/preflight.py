@@ -32,6 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidqu.errors import ConfigError, MissingFileError, UserError
+from covidqu.models.tta import TTA_MODES
 from covidqu.pipeline.cli import report, user_errors
 from covidqu.pipeline.prediction import find_inputs
 
@@ -185,6 +186,7 @@ RULES: tuple[Rule, ...] = (
         "null or a percent of the lung in [0, 100]",
         "detect.threshold=1.5",
     ),
+    Rule("tta", _one_of(*TTA_MODES), "none, flip or flip_scale", "tta=flip"),
     Rule("detect.n_boot", _int_at_least(0), "an integer >= 0", "detect.n_boot=1000"),
     *(
         Rule(f"grades.{g}", lambda x: _number(x) and 0 <= x <= 100, "a percent in [0, 100]", "25")
