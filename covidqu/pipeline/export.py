@@ -72,7 +72,7 @@ def check_installed(fmt: str) -> None:
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not importlib.util.find_spec(m)]
     if missing:
         raise UserError(
-            f"format=onnx needs {', '.join(missing)}, which is not installed: run "
+            f"format=onnx needs {', '.join(missing)} (not installed here): run "
             f"{INSTALL_EXPORT} (or choose format=torchscript)"
         )
 
