@@ -40,7 +40,7 @@ def imported(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
     return proc, names
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "analyze", "report"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "analyze", "report", "export"])
 def test_help_imports_neither_torch_nor_heavy_libraries(command: str):
     proc, names = imported(["-m", f"covidqu.{command}", "--help"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,6 +61,7 @@ def test_library_modules_import_heavy_libraries_only_on_use():
         "covidqu.pipeline.training",
         "covidqu.pipeline.evaluation",
         "covidqu.pipeline.prediction",
+        "covidqu.pipeline.export",
         "covidqu.pipeline.analysis",
         "covidqu.pipeline.preflight",
         "covidqu.data.datasets",

@@ -1,16 +1,17 @@
 """Cheap checks first: what a command verifies before it builds a network or writes a file.
 
-Every command (``train``, ``eval``, ``predict``, ``analyze``) runs :func:`preflight` from a Hydra
-callback (:class:`Preflight`, on ``on_run_start``), that is before Hydra creates the run folder
-or writes its ``.hydra/`` files, so a refused command leaves a previous run's folder exactly as
-it was. It checks, within a second:
+Every command (``train``, ``eval``, ``predict``, ``analyze``, ``export``) runs :func:`preflight`
+from a Hydra callback (:class:`Preflight`, on ``on_run_start``), that is before Hydra creates the
+run folder or writes its ``.hydra/`` files, so a refused command leaves a previous run's folder
+exactly as it was. It checks, within a second:
 
 - the type and range of every config value of :data:`RULES` (all wrong values at once);
 - that the output folder can be written;
 - for ``train``: the data root is a COVID-QU-Ex tree of the configured subset, and a checkpoint
   it would resume from (``ckpt_path``, or the run folder's ``checkpoints/last.ckpt``) was written
   by the same task, network and preprocessing (:func:`check_resume`);
-- for the others: that the checkpoints and inputs they name exist.
+- for the others: that the checkpoints and inputs they name exist (and for ``export``, that
+  its format is known and installed).
 
 ``train`` runs the same checks again itself (sweep jobs and in-process callers have no
 ``on_run_start``).
@@ -441,12 +442,22 @@ def _check_analyze(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
         check_output_dir(out_dir, "hydra.run.dir")
 
 
+def _check_export(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> None:
+    from covidqu.pipeline.export import check_format, check_installed, check_output, check_required
+
+    check_required(cfg)
+    check_installed(check_format(cfg.format))
+    check_checkpoint(cfg.ckpt_path, "ckpt_path")
+    check_output(cfg.output)
+
+
 #: What each command checks up front, by its config name.
 CHECKS: dict[str, Callable[[DictConfig, Path, Iterable[str]], None]] = {
     "train": check_train,
     "eval": _check_eval,
     "predict": _check_predict,
     "analyze": _check_analyze,
+    "export": _check_export,
 }
 
 
