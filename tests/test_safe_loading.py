@@ -236,7 +236,14 @@ def torch_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
 PREEMPTED = ["+callbacks.early_stopping.stopping_threshold=-1"]  # val/dice > -1: stop
 
 
-@pytest.mark.parametrize("scheduler", sorted(p.stem for p in (CONF / "scheduler").glob("*.yaml")))
+# One scheduler by default, every one with -m slow: the default suite keeps to its time budget.
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        name if name == "onecycle" else pytest.param(name, marks=pytest.mark.slow)
+        for name in sorted(p.stem for p in (CONF / "scheduler").glob("*.yaml"))
+    ],
+)
 def test_a_covidqu_checkpoint_resumes_and_loads_weights_only(
     scheduler, synth_root, tmp_path, torch_loads
 ):
