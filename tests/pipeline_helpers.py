@@ -34,6 +34,16 @@ TINY = [
     "trainer.enable_progress_bar=false",
 ]
 
+#: A few batches of a 32 px model: enough for a checkpoint with trained batch-norm statistics.
+QUICK = [
+    *TINY,
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "test=false",
+    "logger=csv",
+]
+
 
 def compose_config(name: str, overrides: list[str], out_dir: Path) -> DictConfig:
     """Compose ``conf/<name>.yaml`` with ``overrides``, as ``@hydra.main`` would."""

@@ -21,17 +21,7 @@ import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from tests.pipeline_helpers import CONF, TINY, compose_config
-
-#: A few batches of a 32 px model: enough for a checkpoint.
-QUICK = [
-    *TINY,
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "test=false",
-    "logger=csv",
-]
+from tests.pipeline_helpers import CONF, QUICK, compose_config
 
 
 @dataclass

@@ -23,17 +23,7 @@ from covidqu.models.checkpoint import load_module, preprocessing
 from covidqu.pipeline import export as export_lib
 from covidqu.pipeline.training import train
 
-from pipeline_helpers import CONF, TINY, compose_config
-
-#: A few batches of a 32 px model: enough for a checkpoint with trained batch-norm statistics.
-QUICK = [
-    *TINY,
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "test=false",
-    "logger=csv",
-]
+from pipeline_helpers import CONF, QUICK, compose_config
 
 
 def _checkpoint(root: Path, out: Path, *extra: str) -> Path:

@@ -48,7 +48,7 @@ import numpy as np
 
 from covidqu.constants import SPLITS, SUBSET_MASKS
 from covidqu.data.layout import IMAGES_DIR, SPLIT_DIRS, DataError, Index, Problem, Sample
-from covidqu.data.readers import ImageDecodeError, read_image, read_mask
+from covidqu.data.readers import ImageDecodeError, no_mask, read_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -425,23 +425,9 @@ class PackedReader:
 
     def mask(self, sample: Sample, kind: str) -> np.ndarray:
         if kind not in self.kinds:
-            raise DataError(
-                f"{sample.id} ({sample.subset} subset) has no {kind} mask: targets made of it "
-                "need a subset that has it (data=infection)"
-            )
+            raise no_mask(sample, kind)
         split, row = self._row(sample)
         return self._views[split][kind][row].copy()
-
-
-def open_packed(
-    index: Index,
-    subset: str,
-    size: int | Sequence[int],
-    cache_dir: str | os.PathLike[str],
-    workers: int | None = None,
-) -> PackedReader:
-    """A reader of the current packed cache (building it first when absent or stale)."""
-    return PackedReader(ensure_packed(index, subset, size, cache_dir, workers).folder)
 
 
 # --------------------------------------------------------------------------- command line

@@ -106,11 +106,16 @@ class PngReader:
     def mask(self, sample: Sample, kind: str) -> np.ndarray:
         path = sample.mask(kind)
         if path is None:
-            raise DataError(
-                f"{sample.id} ({sample.subset} subset) has no {kind} mask: targets made of it "
-                "need a subset that has it (data=infection)"
-            )
+            raise no_mask(sample, kind)
         return read_mask(path)
+
+
+def no_mask(sample: Sample, kind: str) -> DataError:
+    """The error of a reader asked for a mask kind that ``sample``'s subset does not have."""
+    return DataError(
+        f"{sample.id} ({sample.subset} subset) has no {kind} mask: targets made of it "
+        "need a subset that has it (data=infection)"
+    )
 
 
 #: Readers by the name used in config (``data.reader``).
