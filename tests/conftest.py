@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,29 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic tree: both subsets, 3 images per split and class, 48 px. Do not modify."""
     out = tmp_path_factory.mktemp("synth") / "covidqu"
     return generate(out, per_class=SYNTH_PER_CLASS, size=SYNTH_SIZE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], Path]]:
+    """``mktemp`` for the runs a module's tests share, removed once they have all passed.
+
+    A tiny run still keeps two checkpoints of about 170 MB (weights and optimiser state), so a
+    whole suite's would fill a small disk. Function-level folders go the same way through
+    ``tmp_path_retention_policy``; a module with a failure keeps its folders for inspection.
+    """
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -107,11 +108,11 @@ def test_one_multiclass_model_serves_both_stages(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def checkpoints(synth_root: Path, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
     """Tiny lung and infection models (32 px), trained briefly on the synthetic tree."""
     found = {}
     for task in ("lung", "infection"):
-        out = tmp_path_factory.mktemp(f"{task}_run")
+        out = module_tmp(f"{task}_run")
         overrides = [*TINY, f"data.root={synth_root}", f"task={task}", "trainer.max_epochs=2"]
         train(compose_config("train", overrides, out))
         found[task] = out / "checkpoints" / "best.ckpt"

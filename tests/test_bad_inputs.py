@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,8 +231,8 @@ def _train(root: Path, out: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
-    base = tmp_path_factory.mktemp("bad_inputs")
+def world(synth_root: Path, module_tmp: Callable[[str], Path]) -> World:
+    base = module_tmp("bad_inputs")
     lung = _train(synth_root, base / "lung")
     classify = _train(synth_root, base / "classify", "task=classify", "model=classifier")
     tmp = base / "tmp"

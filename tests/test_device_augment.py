@@ -5,6 +5,7 @@ and training batches alone are augmented."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -328,9 +329,9 @@ def lines(record: Path, stage: str) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def reference(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
     """What every batch of an uninterrupted two-epoch run looked like to its steps."""
-    out = tmp_path_factory.mktemp("gpu-aug-run")
+    out = module_tmp("gpu-aug-run")
     record = out / "batches.txt"
     train(compose_config("train", run_overrides(synth_root, record), out / "run"))
     return record

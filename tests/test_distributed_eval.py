@@ -8,6 +8,7 @@ the remainder would lose one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -30,10 +31,10 @@ IGNORED = {"world_size", "duration_s"}
 
 
 @pytest.fixture(scope="module")
-def multiclass_ckpt(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def multiclass_ckpt(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
     """One tiny infection_multiclass model: evaluated as is, and both stages of analyze. One
     step of training: the figures need only differ from image to image, not be good."""
-    out = tmp_path_factory.mktemp("multi_run")
+    out = module_tmp("multi_run")
     overrides = [*TINY, f"data.root={synth_root}", "task=infection", "trainer.max_epochs=1"]
     overrides += ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
     overrides += ["data.target=infection_multiclass", "loss=dice_ce"]

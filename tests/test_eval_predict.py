@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -18,16 +19,16 @@ from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_m
 
 
 @pytest.fixture(scope="module")
-def lung_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lung_run(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
     """A run folder with checkpoints of a tiny lung model (32 px)."""
-    out = tmp_path_factory.mktemp("lung_run")
+    out = module_tmp("lung_run")
     train(compose_config("train", [*TINY, f"data.root={synth_root}", "trainer.max_epochs=2"], out))
     return out
 
 
 @pytest.fixture(scope="module")
-def classify_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("classify_run")
+def classify_run(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
+    out = module_tmp("classify_run")
     train(
         compose_config(
             "train",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -33,8 +34,8 @@ def _checkpoint(root: Path, out: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("export")
+def checkpoints(synth_root: Path, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
+    base = module_tmp("export")
     return {
         "lung": _checkpoint(synth_root, base / "lung"),
         "classify": _checkpoint(synth_root, base / "classify", "task=classify"),

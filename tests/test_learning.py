@@ -8,6 +8,7 @@ classifier trained for 15 short epochs reaches ``val/acc >= 0.6`` on the three b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,9 @@ from pipeline_helpers import TINY, compose_config, read_metrics, run_module
 
 
 @pytest.fixture(scope="module")
-def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_home(module_tmp: Callable[[str], Path]) -> Path:
     """A stand-in project root and cache, shared by the checks of this file."""
-    return tmp_path_factory.mktemp("demo")
+    return module_tmp("demo")
 
 
 def test_default_command_learns_lung_segmentation(demo_home: Path):

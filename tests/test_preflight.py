@@ -94,8 +94,8 @@ def test_an_image_size_the_network_cannot_take_is_refused_naming_the_key():
 
 
 @pytest.fixture(scope="module")
-def lung_run(synth_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lung")
+def lung_run(synth_root, module_tmp):
+    out = module_tmp("lung")
     training.train(
         compose_config(
             "train",

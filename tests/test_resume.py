@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -57,10 +58,10 @@ def stop_at(epoch: int, batch: int, **kw: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
     """The uninterrupted run every interrupted one is compared with; it also keeps the
     checkpoint of each epoch's end in ``epochs/``."""
-    out = tmp_path_factory.mktemp("reference")
+    out = module_tmp("reference")
     every_epoch = [
         "+callbacks.every_epoch._target_=pytorch_lightning.callbacks.ModelCheckpoint",
         f"+callbacks.every_epoch.dirpath={out / 'epochs'}",

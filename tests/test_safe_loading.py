@@ -53,9 +53,9 @@ def tiny(root: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def lung_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lung_run(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
     """A run folder of a one-epoch tiny lung model."""
-    out = tmp_path_factory.mktemp("lung_run")
+    out = module_tmp("lung_run")
     train(compose_config("train", tiny(synth_root, "trainer.max_epochs=1"), out))
     return out
 

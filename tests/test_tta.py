@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -178,8 +179,8 @@ def test_an_unknown_tta_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def lung_ckpt(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tta_lung_run")
+def lung_ckpt(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
+    out = module_tmp("tta_lung_run")
     train(compose_config("train", [*TINY, f"data.root={synth_root}", "trainer.max_epochs=1"], out))
     return out / "checkpoints" / "best.ckpt"
 

@@ -12,7 +12,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,8 @@ def offline_runs(folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def sweep(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    base = tmp_path_factory.mktemp("wandb_sweep")
+def sweep(synth_root: Path, module_tmp: Callable[[str], Path]) -> dict[str, Any]:
+    base = module_tmp("wandb_sweep")
     sweep_dir = base / "sweep"
     proc = run_offline(
         [
@@ -229,8 +229,8 @@ def test_segmentation_runs_log_validation_overlays(sweep):
 
 
 @pytest.fixture(scope="module")
-def classify_many(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    base = tmp_path_factory.mktemp("wandb_many")
+def classify_many(synth_root: Path, module_tmp: Callable[[str], Path]) -> dict[str, Any]:
+    base = module_tmp("wandb_many")
     run_dir = base / "run"
     proc = run_offline(
         [
