@@ -1,12 +1,13 @@
-"""``python -m covidqu.data {synth,inspect,pack}``: make a synthetic tree, check a real one, or
-pack one into memory-mapped arrays for fast loading (``data.cache=packed``)."""
+"""``python -m covidqu.data {synth,inspect,pack,duplicates}``: make a synthetic tree, check a real
+one, pack one into memory-mapped arrays for fast loading (``data.cache=packed``), or list its
+near-duplicate images split by split."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from covidqu.data import inspection, packed, synth
+from covidqu.data import duplicates, inspection, packed, synth
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     packed.add_arguments(p)
     p.set_defaults(func=packed.run)
+    p = sub.add_parser(
+        "duplicates",
+        help="list near-duplicate images (perceptual hash) split by split",
+        description="Hash every image of both subsets (cached under the cache folder) and list "
+        "the pairs within --max-distance bits: within a split, across splits, across subsets. "
+        "Exit 0: no pair straddles Train (or Val) and Test; 1: some do (each named); 2: not a "
+        "COVID-QU-Ex tree, an unreadable file, or a bad option.",
+    )
+    duplicates.add_arguments(p)
+    p.set_defaults(func=duplicates.run)
     return parser
 
 

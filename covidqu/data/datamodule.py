@@ -1,4 +1,5 @@
-"""LightningDataModules over the official Train / Val / Test splits of each subset.
+"""LightningDataModules over the official Train / Val / Test splits of each subset, or over K
+folds of Train + Val (``data.num_folds``, :mod:`covidqu.data.folds`) with the official Test.
 
 :class:`LungDataModule` serves the lung subset (33,920 CXRs with lung masks);
 :class:`InfectionDataModule` the infection subset (5,826 CXRs with lung and infection masks).
@@ -27,6 +28,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from covidqu.constants import SPLITS, subset_targets
 from covidqu.data.badfiles import BadFileLoader, BadFileLog
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset, finish_batch
+from covidqu.data.folds import check_fold_keys
 from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
 from covidqu.data.loading import EpochSampler, ResumableLoader, worker_init
 from covidqu.data.readers import PngReader, SampleReader, build_reader
@@ -136,6 +138,15 @@ class COVIDQUDataModule(pl.LightningDataModule):
             :mod:`covidqu.data.packed`), built in :meth:`prepare_data` and read through the
             reader seam, with the same batches.
         cache_dir: where ``packed`` keeps its arrays; ``None`` is ``paths.cache_dir``'s default.
+        num_folds: ``None`` for the official Train / Val splits; K (>= 2) to pool Train + Val
+            and re-split them into K folds, stratified by class and keeping near-duplicates in
+            one fold (:mod:`covidqu.data.folds`); Test stays the official one.
+        fold: with ``num_folds``, the fold (0 ... K - 1) that is the validation split; the
+            others are the training split.
+        fold_seed: seed of the fold assignment, apart from ``seed`` so that the folds of a
+            sweep stay put whatever the training seed.
+        duplicate_distance: Hamming distance (of the 256-bit pHash) up to which two images are
+            near-duplicates for the folds; ``None`` for the default of ``duplicates``.
         normalise: where batches become float: ``loader`` (in the workers: the loaders give
             the batch contract's tensors) or ``device`` (the loaders give uint8 image and masks,
             a quarter of the bytes to collate, pass between processes and copy to the GPU;
@@ -171,8 +182,13 @@ class COVIDQUDataModule(pl.LightningDataModule):
         cache_dir: str | os.PathLike[str] | None = None,
         device_augment: Callable[..., dict[str, Any]] | None = None,
         normalise: str = "loader",
+        num_folds: int | None = None,
+        fold: int | None = None,
+        fold_seed: int = 0,
+        duplicate_distance: int | None = None,
     ) -> None:
         super().__init__()
+        check_fold_keys(num_folds, fold)
         target = target or self.targets[0]
         if target not in self.targets:
             raise ValueError(
@@ -215,6 +231,9 @@ class COVIDQUDataModule(pl.LightningDataModule):
                 "on the training device"
             )
         self.normalise = normalise
+        self.num_folds, self.fold, self.fold_seed = num_folds, fold, fold_seed
+        self.duplicate_distance = duplicate_distance
+        self._fold_samples: dict[str, list[Sample]] | None = None
         build_transform(image_size)  # validate the size now, not in a worker
         self.index: Index | None = None
         self.datasets: dict[str, CXRDataset] = {}
@@ -256,7 +275,10 @@ class COVIDQUDataModule(pl.LightningDataModule):
         """The (capped) samples of ``split``; an error naming the folder when it is empty."""
         if self.index is None:
             self.index = self.scan()
-        samples = self.index.select(subset=self.subset, split=split)
+        if self.num_folds is not None and split in ("train", "val"):
+            samples = self.folds(self.index)[split]
+        else:
+            samples = self.index.select(subset=self.subset, split=split)
         if not samples:
             folder = self.index.subset_dirs[self.subset] / SPLIT_DIRS[split]
             raise DataError(
@@ -270,6 +292,25 @@ class COVIDQUDataModule(pl.LightningDataModule):
         index = self.scan()
         if self.cache == "packed":  # built here once per node; setup maps it in each process
             self._packed(index)
+        if self.num_folds is not None:  # hashed here once per node; setup reads the cache
+            self.folds(index)
+
+    def folds(self, index: Index) -> dict[str, list[Sample]]:
+        """``{"train": ..., "val": ...}`` of fold ``fold`` of ``num_folds`` over the pooled
+        Train + Val of ``index`` (hashing them once into the cache folder)."""
+        if self._fold_samples is None:
+            from covidqu.data.duplicates import subset_hashes
+            from covidqu.data.folds import fold_split
+            from covidqu.data.packed import default_cache_dir
+
+            pool = index.select(subset=self.subset, split="train")
+            pool += index.select(subset=self.subset, split="val")
+            cache_dir = default_cache_dir() if self.cache_dir in (None, "") else self.cache_dir
+            hashes = subset_hashes(index, self.subset, pool, cache_dir, progress=_hash_tqdm)
+            self._fold_samples = fold_split(
+                pool, hashes, self.num_folds, self.fold, self.fold_seed, self.duplicate_distance
+            )
+        return self._fold_samples
 
     def setup(self, stage: str | None = None) -> None:
         needed = {
@@ -440,6 +481,13 @@ def _tqdm(total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc="packing", unit="img", disable=None)
+
+
+def _hash_tqdm(total: int) -> Any:
+    """A progress bar for hashing a subset for its folds (once, then cached)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="hashing for folds", unit="img", disable=None)
 
 
 class LungDataModule(COVIDQUDataModule):

@@ -3,6 +3,10 @@
 A run is a folder with Hydra's ``.hydra/config.yaml`` (single runs, and each job of a basic,
 Optuna or submitit sweep). Its status comes from the files it left: ``metrics.json`` (completed),
 ``failure.txt`` (failed) or neither (running, or killed without a word).
+
+Runs of a k-fold sweep (``data.num_folds``) that differ only in ``data.fold`` are one experiment:
+each fold keeps its row, and two rows more give the mean and the standard deviation across the
+folds of every figure.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Run:
     epochs: int | None = None
     duration_s: float | None = None
     error: str | None = None
+    num_folds: int | None = None
+    fold: int | None = None
 
     @property
     def score(self) -> float | None:
@@ -94,6 +100,7 @@ def read_run(folder: Path) -> Run:
         run.monitor = data.get("monitor", run.monitor)
         run.epochs = data.get("epochs")
         run.duration_s = data.get("duration_s")
+        run.num_folds, run.fold = data.get("num_folds"), data.get("fold")
     elif newest == failure_file:
         run.status = "failed"
         run.error, run.duration_s = _failure(failure_file)
@@ -130,9 +137,17 @@ def sort_runs(runs: Sequence[Run]) -> list[Run]:
     return sorted(runs, key=key)
 
 
+#: The status of the rows of the mean and standard deviation across folds (not runs themselves).
+SUMMARY = "summary"
+#: The override that picks a fold: runs that differ only in it are folds of one experiment.
+FOLD_KEY = "data.fold"
+
+
 def rows(runs: Sequence[Run], root: Path) -> list[dict[str, Any]]:
-    """One flat row per run: folder, distinguishing overrides, status, figures."""
-    keys = distinguishing(runs)
+    """One flat row per run: folder, distinguishing overrides, status, figures; then, for runs
+    that differ only in ``data.fold``, a row of the mean and one of the standard deviation."""
+    folded = any(r.fold is not None for r in runs)
+    keys = [k for k in distinguishing(runs) if not (folded and k == FOLD_KEY)]
     stage_order = {"val": 0, "test": 1}
     figure_keys = sorted(
         {k for r in runs for k in r.figures if k.split("/")[0] in stage_order},
@@ -142,6 +157,8 @@ def rows(runs: Sequence[Run], root: Path) -> list[dict[str, Any]]:
     for run in sort_runs(runs):
         row: dict[str, Any] = {"run": run.path.relative_to(root).as_posix() or "."}
         row.update({k: run.overrides.get(k, "") for k in keys})
+        if folded:
+            row["fold"] = run.fold
         row["status"] = run.status
         row["monitor"] = run.monitor or ""
         row.update({k: run.figures.get(k) for k in figure_keys})
@@ -150,7 +167,46 @@ def rows(runs: Sequence[Run], root: Path) -> list[dict[str, Any]]:
         if run.error:
             row["error"] = run.error
         out.append(row)
+    if folded:
+        out += fold_summaries(runs, keys, figure_keys)
     return out
+
+
+def fold_summaries(
+    runs: Sequence[Run], keys: Sequence[str], figure_keys: Sequence[str]
+) -> list[dict[str, Any]]:
+    """For each set of completed fold runs alike but for ``data.fold`` (two or more), a row of
+    the mean and a row of the sample standard deviation (n - 1) of each figure across them."""
+    sets: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.status == "completed" and run.fold is not None:
+            alike = (run.num_folds, *(run.overrides.get(k, "") for k in keys))
+            sets.setdefault(alike, []).append(run)
+    out = []
+    for alike, members in sets.items():
+        if len({r.fold for r in members}) < 2:
+            continue
+        n = len(members)
+        for stat in ("mean", "std"):
+            row: dict[str, Any] = {"run": f"{stat} of {n} folds (of {alike[0]})"}
+            row.update(dict(zip(keys, alike[1:], strict=True)))
+            row["fold"] = stat
+            row["status"] = SUMMARY
+            row["monitor"] = members[0].monitor or ""
+            for k in figure_keys:
+                values = [r.figures[k] for r in members if k in r.figures]
+                values = [v for v in values if not math.isnan(v)]
+                row[k] = _mean_std(values)[stat == "std"] if len(values) == n else None
+            row["epochs"] = None
+            row["duration_s"] = round(sum(float(r.duration_s or 0) for r in members), 1)
+            out.append(row)
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
 
 
 def _cell(value: Any) -> str:

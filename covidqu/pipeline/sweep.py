@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from covidqu.pipeline.report import report
+from covidqu.pipeline.report import SUMMARY, report
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        table = report(sweep_dir)
+        table = [r for r in report(sweep_dir) if r["status"] != SUMMARY]  # runs, not k-fold rows
         failed = [r["run"] for r in table if r["status"] != "completed"]
         if failed:
             log.error(

@@ -254,6 +254,10 @@ def _final_metrics(
     metrics["monitor"] = cfg.task.monitor
     metrics["epochs"] = int(trainer.current_epoch)
     metrics["world_size"] = int(trainer.world_size)
+    # which re-split of Train + Val it validated on (null: the official splits); report groups
+    # the folds of one setting by these
+    metrics["num_folds"] = getattr(datamodule, "num_folds", None)
+    metrics["fold"] = getattr(datamodule, "fold", None)
     metrics["best_checkpoint"] = outputs.relative(best, out_dir) if best is not None else None
     return metrics
 
