@@ -220,7 +220,7 @@ def test_predict_leaves_a_probability_at_the_threshold_out(
         },
     ).eval()
     monkeypatch.setattr(
-        "covidqu.pipeline.prediction.load_module", lambda path, map_location="cpu": module
+        "covidqu.pipeline.prediction.load_model", lambda path, map_location="cpu": module
     )
     cv2.imwrite(str(tmp_path / "cxr.png"), np.full((40, 48), 120, np.uint8))
     rows = predict(tmp_path / "model.ckpt", tmp_path / "cxr.png", tmp_path / "out")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -327,7 +328,8 @@ def test_classification_hand_computed() -> None:
     metric = ClassificationMetrics()
     metric.update(cls_logits(CLS_PRED), CLS_TRUTH)
     values = as_floats(metric.compute())
-    assert set(values) == {"acc", "f1_macro", "auroc", "sensitivity_covid", "specificity_covid"}
+    keys = {"acc", "f1_macro", "auroc", "sensitivity_covid", "specificity_covid", "ece"}
+    assert set(values) == keys
     assert values["acc"] == approx(5 / 8)
     assert values["f1_macro"] == approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
     assert values["sensitivity_covid"] == approx(2 / 3)
@@ -374,8 +376,14 @@ def test_classification_perfect_predictions() -> None:
     target = torch.tensor([0, 1, 2, 2, 1, 0, 0])
     metric = ClassificationMetrics()
     metric.update(cls_logits(target), target)
+    confidence = math.exp(4) / (math.exp(4) + 2)  # every sample's top probability
     assert as_floats(metric.compute()) == approx(
-        dict.fromkeys(["acc", "f1_macro", "auroc", "sensitivity_covid", "specificity_covid"], 1.0)
+        {
+            **dict.fromkeys(["acc", "f1_macro", "auroc", "sensitivity_covid"], 1.0),
+            "specificity_covid": 1.0,
+            "ece": 1.0 - confidence,
+        },
+        abs=1e-6,  # float32 probabilities
     )
 
 

@@ -43,7 +43,7 @@ def _module() -> torch.nn.Module:
 @pytest.fixture
 def module(monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
     m = _module()
-    monkeypatch.setattr(prediction, "load_module", lambda path, map_location="cpu": m)
+    monkeypatch.setattr(prediction, "load_model", lambda path, map_location="cpu": m)
     return m
 
 

@@ -227,7 +227,7 @@ def test_eval_with_flip_scores_the_mirror_mean(lung_ckpt: Path, synth_root: Path
 def test_predict_with_flip_writes_masks_of_the_averaged_probabilities(tmp_path, monkeypatch):
     module = _segmentation_module()
     monkeypatch.setattr(
-        "covidqu.pipeline.prediction.load_module", lambda path, map_location="cpu": module
+        "covidqu.pipeline.prediction.load_model", lambda path, map_location="cpu": module
     )
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.integers(0, 256, (40, 48), dtype=np.uint8), (5, 5), 0)
@@ -252,7 +252,7 @@ def test_analyze_with_flip_records_it_and_segments_the_mirror_mean(
     stages = {"lung_ckpt": _segmentation_module("lung"), "infection_ckpt": None}
     stages["infection_ckpt"] = _segmentation_module("infection", _Skewed(seed=3))
     monkeypatch.setattr(
-        analysis, "load_module", lambda path, map_location="cpu", key="": stages[key]
+        analysis, "load_model", lambda path, map_location="cpu", key="": stages[key]
     )
     found = {}
     for tta in ("none", "flip"):

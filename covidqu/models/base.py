@@ -87,6 +87,10 @@ class CXRModule(pl.LightningModule):
         #: Test-time augmentation of the test step and of :meth:`predict_probabilities` (set by
         #: eval, predict and analyze; never saved in a checkpoint, never used in training).
         self.tta = "none"
+        #: What evaluation and prediction divide the logits by before the probabilities (a
+        #: fitted temperature, see :mod:`covidqu.models.calibration`; set by ``load_module``
+        #: from the checkpoint's sidecar, never saved in a checkpoint, never used in training).
+        self.temperature = 1.0
         self.save_hyperparameters(
             ignore=["net", "loss", "metrics", "optimizer", "scheduler", "recipe"]
         )
@@ -122,16 +126,21 @@ class CXRModule(pl.LightningModule):
     def tta(self, mode: str) -> None:
         self._tta = check_tta(mode)
 
+    def calibrated(self, image: Tensor) -> Tensor:
+        """The network's logits over :attr:`temperature`: what evaluation and prediction read."""
+        logits = self(image)
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
     def predict_probabilities(self, image: Tensor) -> Tensor:
-        """The probabilities of a batch as evaluation and prediction give them: averaged over
-        the test-time augmentation :attr:`tta`."""
-        return tta_probabilities(self, self.probabilities, image, self.tta)
+        """The probabilities of a batch as evaluation and prediction give them: of the
+        :meth:`calibrated` logits, averaged over the test-time augmentation :attr:`tta`."""
+        return tta_probabilities(self.calibrated, self.probabilities, image, self.tta)
 
     def test_logits(self, image: Tensor) -> Tensor:
-        """The logits the test step scores: the network's, or under :attr:`tta` those of the
-        averaged probabilities (:meth:`logits_of`)."""
+        """The logits the test step scores: the :meth:`calibrated` network's, or under
+        :attr:`tta` those of the averaged probabilities (:meth:`logits_of`)."""
         if self.tta == "none":
-            return self(image)
+            return self.calibrated(image)
         return self.logits_of(self.predict_probabilities(image))
 
     def stage_metrics(self, stage: str) -> Metric:
@@ -212,6 +221,11 @@ class CXRModule(pl.LightningModule):
 
     def confusion_matrix(self, stage: str) -> Tensor | None:
         """The confusion matrix of the last ``val`` / ``test`` epoch, where the task has one."""
+        return None
+
+    def test_reliability(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(confidence, correct)`` per image of the last test run, for a reliability
+        diagram, where the task's output is a confidence; ``None`` by default."""
         return None
 
     def media_panels(self, batch: Mapping[str, Any], n: int) -> list[tuple[str, np.ndarray]]:

@@ -28,6 +28,7 @@ from hydra.utils import get_class, instantiate
 
 from covidqu.errors import CheckpointError, MissingFileError
 from covidqu.models.base import CXRModule
+from covidqu.models.calibration import read_temperature
 
 #: Keys of a network config that ask for pretrained weights; loading a checkpoint sets them to
 #: ``None`` because the checkpoint's own weights replace them (and no download is attempted).
@@ -118,13 +119,15 @@ def read_checkpoint(path: str | os.PathLike[str], key: str = "ckpt_path") -> dic
     return ckpt
 
 
-def build_from_recipe(recipe: dict[str, Any]) -> CXRModule:
-    """A module with freshly built network, loss and metrics as described by ``recipe``."""
-    net_cfg = copy.deepcopy(recipe["net"])
-    for key in WEIGHT_KEYS:
-        if key in net_cfg:
-            net_cfg[key] = None
-    net = instantiate(net_cfg)
+def build_from_recipe(recipe: dict[str, Any], net: torch.nn.Module | None = None) -> CXRModule:
+    """A module with freshly built network, loss and metrics as described by ``recipe``;
+    ``net``: that network instead of the recipe's (an ensemble of such modules)."""
+    if net is None:
+        net_cfg = copy.deepcopy(recipe["net"])
+        for key in WEIGHT_KEYS:
+            if key in net_cfg:
+                net_cfg[key] = None
+        net = instantiate(net_cfg)
     loss = instantiate(recipe["loss"]) if recipe.get("loss") else None
     metrics = instantiate(recipe["metrics"])
     cls = get_class(recipe["module_class"])
@@ -138,8 +141,10 @@ def load_module(
     map_location: str | torch.device = "cpu",
     key: str = "ckpt_path",
 ) -> CXRModule:
-    """The trained module of a checkpoint, in eval mode, with its recipe in ``module.recipe``;
-    errors name the file as the config ``key`` that gave it."""
+    """The trained module of a checkpoint, in eval mode, with its recipe in ``module.recipe``
+    and the temperature of its calibration sidecar, if it has a current one
+    (:func:`covidqu.models.calibration.read_temperature`), in ``module.temperature``; errors
+    name the file as the config ``key`` that gave it."""
     ckpt = read_checkpoint(path, key)
     module = build_from_recipe(ckpt["covidqu"])
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
@@ -151,6 +156,7 @@ def load_module(
             f"{key}={path}: its weights do not fit the network its recipe builds "
             f"({len(bad)} keys, e.g. {bad[:3]})"
         )
+    module.temperature = read_temperature(path, ckpt["state_dict"], key)
     return module.to(map_location).eval()
 
 

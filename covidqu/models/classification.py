@@ -20,8 +20,9 @@ class ClassificationModule(CXRModule):
 
     Metrics: ``<stage>/acc``, ``f1_macro``, ``auroc`` (macro one-vs-rest),
     ``sensitivity_covid`` and ``specificity_covid`` (COVID-19 against the other two classes),
-    over the whole split. The confusion matrix of the last validation and test epochs is kept
-    in :attr:`confusion` (rows: truth, columns: prediction).
+    and ``ece`` (expected calibration error), over the whole split. The confusion matrix of
+    the last validation and test epochs is kept in :attr:`confusion` (rows: truth, columns:
+    prediction).
 
     Args:
         **kwargs: see :class:`~covidqu.models.base.CXRModule`.
@@ -70,6 +71,15 @@ class ClassificationModule(CXRModule):
 
     def confusion_matrix(self, stage: str) -> Tensor | None:
         return self.confusion.get(stage)
+
+    def test_reliability(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each test image's top class probability, and whether that class is its own."""
+        if not self.test_records:
+            return None
+        columns = [f"p_{name}" for name in CLASSES]
+        probs = np.array([[r[c] for c in columns] for r in self.test_records], dtype=float)
+        correct = np.array([r["correct"] for r in self.test_records], dtype=float)
+        return probs.max(axis=1), correct
 
     def test_tables(self) -> dict[str, list[dict[str, Any]]]:
         """``confusion_matrix``: one row per true class, one column per predicted class."""

@@ -41,6 +41,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
+    MulticlassCalibrationError,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
 )
@@ -327,18 +328,21 @@ def per_image_scores(
 
 
 class ClassificationMetrics(MetricCollection):
-    """Accuracy, macro F1, macro AUROC and COVID-19 sensitivity / specificity over a split.
+    """Accuracy, macro F1, macro AUROC, COVID-19 sensitivity / specificity and calibration
+    error over a split.
 
     A :class:`torchmetrics.MetricCollection` of ``MulticlassAccuracy`` (micro: the share of
     correct samples), ``MulticlassF1Score`` (macro), ``MulticlassAUROC`` (macro one-vs-rest, on
-    the softmax probabilities) and ``MulticlassConfusionMatrix``; each accumulates its own
+    the softmax probabilities), ``MulticlassCalibrationError`` (``ece``: l1, over equal-width
+    bins of the top probability) and ``MulticlassConfusionMatrix``; each accumulates its own
     states and syncs them across processes. Sensitivity and specificity of the positive class
     (COVID-19 by default) come from the confusion matrix, with the module's rule for zero
     denominators (no positive sample: sensitivity 1; no negative sample: specificity 1).
 
     :meth:`compute` (and calling the object on a batch) returns float32 scalars under ``acc``,
-    ``f1_macro``, ``auroc``, ``sensitivity_<positive_name>``, ``specificity_<positive_name>``
-    (``sensitivity_covid`` and ``specificity_covid`` by default); :meth:`confusion_matrix`
+    ``f1_macro``, ``auroc``, ``ece``, ``sensitivity_<positive_name>``,
+    ``specificity_<positive_name>`` (``sensitivity_covid`` and ``specificity_covid`` by
+    default); :meth:`confusion_matrix`
     gives the C x C counts, rows = truth, columns = prediction.
 
     Args:
@@ -346,6 +350,7 @@ class ClassificationMetrics(MetricCollection):
         positive_class: index of the class whose sensitivity / specificity is reported
             (``0`` = COVID-19 in the project's class order).
         positive_name: suffix of those two keys.
+        calibration_bins: the confidence bins of ``ece``.
         kwargs: passed to each torchmetrics metric (e.g. ``sync_on_compute``).
     """
 
@@ -354,6 +359,7 @@ class ClassificationMetrics(MetricCollection):
         num_classes: int = len(CLASSES),
         positive_class: int = 0,
         positive_name: str = "covid",
+        calibration_bins: int = 15,
         **kwargs: Any,
     ) -> None:
         if num_classes < 2:
@@ -368,6 +374,9 @@ class ClassificationMetrics(MetricCollection):
                 "f1_macro": MulticlassF1Score(num_classes, average="macro", **kwargs),
                 "auroc": MulticlassAUROC(num_classes, average="macro", thresholds=None, **kwargs),
                 "confmat": MulticlassConfusionMatrix(num_classes, **kwargs),
+                "ece": MulticlassCalibrationError(
+                    num_classes, n_bins=calibration_bins, norm="l1", **kwargs
+                ),
             },
             compute_groups=False,
         )

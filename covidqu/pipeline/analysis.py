@@ -34,7 +34,8 @@ from covidqu.data.layout import DataError, Sample, scan
 from covidqu.data.readers import PngReader, read_image
 from covidqu.errors import ConfigError
 from covidqu.models.base import gather_rows
-from covidqu.models.checkpoint import load_module
+from covidqu.models.calibration import binary_ece, plot_reliability
+from covidqu.models.ensemble import load_model
 from covidqu.models.figures import caption, tint
 from covidqu.models.tta import check_tta
 from covidqu.pipeline import outputs
@@ -60,11 +61,12 @@ class Stages:
         return [self.lung] if self.lung is self.infection else [self.lung, self.infection]
 
 
-def load_stages(lung_ckpt: str | None, infection_ckpt: str, device: str) -> Stages:
+def load_stages(lung_ckpt: Any, infection_ckpt: Any, device: str) -> Stages:
     """The two stages' modules; a missing ``lung_ckpt`` takes the lung from the infection model,
-    which must then have been trained with ``data.target=infection_multiclass``."""
-    infection = load_module(infection_ckpt, map_location=device, key="infection_ckpt")
-    lung = load_module(lung_ckpt, map_location=device, key="lung_ckpt") if lung_ckpt else infection
+    which must then have been trained with ``data.target=infection_multiclass``. Either may
+    list several checkpoints: their ensemble (:mod:`covidqu.models.ensemble`)."""
+    infection = load_model(infection_ckpt, map_location=device, key="infection_ckpt")
+    lung = load_model(lung_ckpt, map_location=device, key="lung_ckpt") if lung_ckpt else infection
     lung_classes = ", ".join(getattr(lung, "class_names", ()))
     if "lung" not in getattr(lung, "class_names", ()):
         raise ConfigError(
@@ -292,6 +294,8 @@ def score(
         scores, truth, threshold, n_boot=int(cfg.detect.n_boot), seed=int(cfg.detect.seed)
     )
     metrics.update({f"detect/{k}": v for k, v in detect.items()})
+    # the infected share of the lung read as the probability of COVID-19
+    metrics["detect/ece"] = binary_ece(scores / 100.0, truth)
     metrics["detect/threshold"] = float(threshold)
     metrics["detect/threshold_source"] = source
     pred_pct = [r["severity_pct"] for r in rows]
@@ -310,6 +314,14 @@ def score(
             metrics[f"{stage}/{key}"] = float(np.mean(values)) if values else float("nan")
     metrics["images"] = len(rows)
     scoring.plot_roc(scores, truth, threshold, out / "roc.png")
+    plot_reliability(
+        scores / 100.0,
+        truth,
+        out / "reliability.png",
+        title="detection",
+        xlabel="infected share of the lung (as a probability of COVID-19)",
+        ylabel="share of COVID-19 images",
+    )
     scoring.plot_severity(pred_pct, true_pct, out / "severity.png")
     scoring.plot_grade_confusion(pred_grade, true_grade, GRADES, out / "grade_confusion.png")
     return metrics

@@ -29,7 +29,8 @@ from covidqu.data.loading import worker_init
 from covidqu.data.readers import read_image
 from covidqu.data.transforms import build_transform
 from covidqu.errors import MissingFileError
-from covidqu.models.checkpoint import load_module, preprocessing
+from covidqu.models.checkpoint import preprocessing
+from covidqu.models.ensemble import load_model
 from covidqu.models.tta import check_tta
 from covidqu.pipeline import outputs
 
@@ -161,7 +162,7 @@ def input_loader(
 
 
 def predict(
-    ckpt_path: str | os.PathLike[str],
+    ckpt_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     inputs: str | os.PathLike[str],
     output: str | os.PathLike[str],
     batch_size: int = 16,
@@ -172,6 +173,7 @@ def predict(
     tta: str = "none",
 ) -> list[dict[str, Any]]:
     """Predict every image at ``inputs`` into ``output``; return the rows of predictions.csv.
+    ``ckpt_path`` may list several checkpoints: their ensemble (:mod:`covidqu.models.ensemble`).
 
     The images stream through a DataLoader: a batch is read, predicted and written before the
     ones after it are needed, so memory holds a few batches whatever the number of files. The
@@ -183,7 +185,7 @@ def predict(
     check_tta(tta)
     files = find_inputs(inputs, recursive=recursive)
     device = resolve_device(device)
-    module = load_module(ckpt_path, map_location=device)
+    module = load_model(ckpt_path, map_location=device)
     module.tta = tta
     out = Path(output).expanduser()
     names = output_names(files)

@@ -269,6 +269,17 @@ def check_checkpoint(path: Any, key: str) -> dict[str, Any]:
     return read_checkpoint(path, key=key)["covidqu"]
 
 
+def check_checkpoints(value: Any, key: str) -> dict[str, Any]:
+    """The recipe of the checkpoint, or of the first of an ensemble's, named by ``key`` (one
+    path or a list); an ensemble's members must share task and preprocessing."""
+    from covidqu.models.ensemble import check_members, checkpoint_paths
+
+    paths = checkpoint_paths(value, key)
+    recipes = [check_checkpoint(p, key) for p in paths]
+    check_members(recipes, paths, key)
+    return recipes[0]
+
+
 # -- resuming ----------------------------------------------------------------------------------
 
 
@@ -396,13 +407,27 @@ def check_train(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] | None 
     check_resume(cfg, out_dir)
 
 
+def _refuse_empty_lists(cfg: DictConfig, *keys: str) -> None:
+    """An empty list of checkpoints (``'ckpt_path=[]'``) is refused as such, not as missing."""
+    from covidqu.models.ensemble import checkpoint_paths, is_ensemble
+
+    for key in keys:
+        if is_ensemble(cfg.get(key)):
+            checkpoint_paths(cfg[key], key)
+
+
 def _check_eval(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> None:
     check_values(cfg, "eval")
+    _refuse_empty_lists(cfg, "ckpt_path")
     if not cfg.get("ckpt_path") or cfg.ckpt_path == "???":
         raise ConfigError(
             "ckpt_path is required: python -m covidqu.eval ckpt_path=RUN/checkpoints/best.ckpt"
         )
-    recipe = check_checkpoint(cfg.ckpt_path, "ckpt_path")
+    recipe = check_checkpoints(cfg.ckpt_path, "ckpt_path")
+    if cfg.get("calibrate"):
+        from covidqu.pipeline.evaluation import check_calibrate
+
+        check_calibrate(cfg.ckpt_path)
     check_output_dir(out_dir, "hydra.run.dir")
     from covidqu.pipeline.evaluation import datamodule_for
 
@@ -413,19 +438,21 @@ def _check_eval(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> Non
 
 def _check_predict(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> None:
     check_values(cfg, "predict")
+    _refuse_empty_lists(cfg, "ckpt_path")
     for key in ("ckpt_path", "input", "output"):
         if not cfg.get(key):
             raise ConfigError(
                 f"{key} is required: python -m covidqu.predict ckpt_path=RUN/checkpoints/best.ckpt "
                 "input=IMAGE_OR_FOLDER output=OUT_FOLDER"
             )
-    check_checkpoint(cfg.ckpt_path, "ckpt_path")
+    check_checkpoints(cfg.ckpt_path, "ckpt_path")
     find_inputs(cfg.input, recursive=bool(cfg.get("recursive")))  # exists, holds images
     check_output_dir(cfg.output, "output")
 
 
 def _check_analyze(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> None:
     check_values(cfg, "analyze")
+    _refuse_empty_lists(cfg, "lung_ckpt", "infection_ckpt")
     if not cfg.get("infection_ckpt"):
         raise ConfigError(
             "infection_ckpt is required: python -m covidqu.analyze lung_ckpt=LUNG.ckpt "
@@ -433,7 +460,7 @@ def _check_analyze(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
         )
     for key in ("lung_ckpt", "infection_ckpt"):
         if cfg.get(key):
-            check_checkpoint(cfg[key], key)
+            check_checkpoints(cfg[key], key)
     if cfg.get("input"):
         find_inputs(cfg.input, recursive=bool(cfg.get("recursive")))  # exists, holds images
     if cfg.get("output"):
