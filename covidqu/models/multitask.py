@@ -50,8 +50,10 @@ def check_loss_weights(weights: Mapping[str, Any] | None) -> dict[str, float]:
     resolved = {}
     for name in LOSS_PARTS:
         value = given.get(name, DEFAULT_LOSS_WEIGHTS[name])
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value) and value >= 0
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and value >= 0)
         ):
             raise ValueError(
                 f"module.loss_weights.{name}={value!r} must be a finite number >= 0, "
