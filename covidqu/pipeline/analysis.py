@@ -429,8 +429,8 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 def _analyze(cfg: DictConfig) -> dict[str, Any]:
     tta = cfg.get("tta", "none")
     stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, "cpu")
-    score = cfg.detect.get("score", "mask")
-    check_detect_score(score, has_class_head(stages.infection.recipe), cfg.infection_ckpt)
+    by = cfg.detect.get("score", "mask")
+    check_detect_score(by, has_class_head(stages.infection.recipe), cfg.infection_ckpt)
     for stage_module in stages.modules():
         stage_module.tta = tta  # both stages' masks are of the TTA mean
     trainer = evaluation_trainer(trainer_config(cfg))
@@ -443,7 +443,7 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("input"):
         threshold = float(cfg.detect.default_threshold if fixed is None else fixed)
         files = find_inputs(cfg.input, recursive=cfg.get("recursive", False))
-        module = TwoStages(stages, cutoffs, threshold, out, score)
+        module = TwoStages(stages, cutoffs, threshold, out, by)
         rows = run_stages(trainer, module, files, batch_size, workers)
         # no metrics.json here: each row names the TTA, as predict's rows do
         rows = [{**r, "tta": tta} if r["status"] == "ok" else r for r in rows]
@@ -459,7 +459,7 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
                 threshold,
                 tta,
             )
-        return {"images": len(done), "threshold": threshold, "tta": tta, "detect_score": score}
+        return {"images": len(done), "threshold": threshold, "tta": tta, "detect_score": by}
 
     split = cfg.split
     limit = cfg.data.get("limit_per_class")
@@ -472,7 +472,7 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
 
         samples = split_samples(cfg.data.root, source, limit)
         # every process holds every row: each chooses the same threshold
-        tuner = TwoStages(stages, cutoffs, 0.0, score=score)
+        tuner = TwoStages(stages, cutoffs, 0.0, score=by)
         tuning = run_stages(trainer, tuner, samples, batch_size, workers)
         threshold = choose_threshold(
             [r["covid_score"] for r in tuning], [r["true_covid"] for r in tuning]
@@ -484,14 +484,14 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
             "detect.threshold=<percent of the lung> to score this one"
         )
     samples = split_samples(cfg.data.root, split, limit)
-    module = TwoStages(stages, cutoffs, threshold, out, score)
+    module = TwoStages(stages, cutoffs, threshold, out, by)
     rows = run_stages(trainer, module, samples, batch_size, workers)
     metrics = None
     if trainer.is_global_zero:
         metrics = score(rows, threshold, source, cfg, out)
         metrics["split"] = split
         metrics["tta"] = tta
-        metrics["detect_score"] = score
+        metrics["detect_score"] = by
         metrics["world_size"] = int(trainer.world_size)
         outputs.write_rows(out / ANALYSIS_FILE, rows)
         outputs.write_metrics(out, metrics)
