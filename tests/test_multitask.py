@@ -20,6 +20,7 @@ from covidqu.errors import ConfigError
 from covidqu.models.checkpoint import load_module
 from covidqu.models.multitask import MultitaskModule, check_loss_weights
 from covidqu.pipeline.analysis import ANALYSIS_FILE, analyze
+from covidqu.pipeline.config import check_config
 from covidqu.pipeline.evaluation import evaluate
 from covidqu.pipeline.export import export
 from covidqu.pipeline.prediction import predict, probabilities
@@ -91,6 +92,9 @@ def test_network_gives_both_outputs_and_the_loss_weighs_its_parts(synth_root, tm
     bad = compose_config("train", [*overrides, "module.loss_weights.cls=-1"], tmp_path)
     with pytest.raises(ConfigError, match=r"module\.loss_weights\.cls=-1"):
         check_values(bad, "train")
+    headless = compose_config("train", [*overrides, "model.aux_params=null"], tmp_path)
+    with pytest.raises(ConfigError, match=r"task=multitask needs model\.aux_params"):
+        check_config(headless)
 
 
 def test_training_writes_both_kinds_of_metrics_and_a_self_contained_checkpoint(mt_run, mt_ckpt):
