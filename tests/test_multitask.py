@@ -226,6 +226,11 @@ def test_classifier_score_without_a_head_and_export_are_refused(mt_ckpt, test_im
         with pytest.raises(ConfigError, match=refused):  # in-process callers too
             analyze(cfg)
     assert not (tmp_path / "out" / ANALYSIS_FILE).exists()
+    # a fixed threshold in percent of the lung is off the classifier's 0..1 scale
+    args = [f"infection_ckpt={mt_ckpt}", f"input={test_images}", "detect.score=classifier"]
+    cfg = compose_config("analyze", [*args, "detect.threshold=1.5"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"detect\.threshold=1\.5.*detect\.score=classifier"):
+        preflight(cfg, "analyze", tmp_path / "run", [])
 
     # export writes one output: the two-output network is refused, naming ckpt_path
     cfg = compose_config(

@@ -57,9 +57,12 @@ TUNING_SPLIT = {"test": "val", "val": "train"}
 DETECT_SCORES = ("mask", "classifier", "mean")
 
 
-def check_detect_score(score: str, has_head: bool, infection_ckpt: Any) -> str:
-    """``score`` if it is one of :data:`DETECT_SCORES` and the infection model can give it; a
-    :class:`ConfigError` naming ``detect.score`` (and ``infection_ckpt``) otherwise."""
+def check_detect_score(
+    score: str, has_head: bool, infection_ckpt: Any, threshold: float | None = None
+) -> str:
+    """``score`` if it is one of :data:`DETECT_SCORES`, the infection model can give it, and a
+    fixed ``detect.threshold`` is on its scale; a :class:`ConfigError` naming ``detect.score``
+    (and ``infection_ckpt`` or ``detect.threshold``) otherwise."""
     if score not in DETECT_SCORES:
         raise ConfigError(
             f"detect.score={score} is not one of {', '.join(DETECT_SCORES)}: e.g. detect.score=mask"
@@ -69,6 +72,12 @@ def check_detect_score(score: str, has_head: bool, infection_ckpt: Any) -> str:
             f"detect.score={score} needs an infection model with a classification head, but "
             f"infection_ckpt={infection_ckpt} has none: give a task=multitask checkpoint as "
             "infection_ckpt, or use detect.score=mask"
+        )
+    if score != "mask" and threshold is not None and threshold > 1:
+        raise ConfigError(
+            f"detect.threshold={threshold} is a percent of the lung, but detect.score={score} "
+            "scores from 0 to 1: give detect.threshold in [0, 1] (e.g. 0.5), or leave it null "
+            "to tune it on another split"
         )
     return score
 
@@ -421,7 +430,8 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
             "infection_ckpt alone for a model trained with data.target=infection_multiclass"
         )
     check_tta(cfg.get("tta", "none"))
-    check_detect_score(cfg.detect.get("score", "mask"), True, cfg.infection_ckpt)
+    by, fixed = cfg.detect.get("score", "mask"), cfg.detect.get("threshold")
+    check_detect_score(by, True, cfg.infection_ckpt, fixed)
     with job_scope():
         return _analyze(cfg)
 
@@ -430,7 +440,9 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
     tta = cfg.get("tta", "none")
     stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, "cpu")
     by = cfg.detect.get("score", "mask")
-    check_detect_score(by, has_class_head(stages.infection.recipe), cfg.infection_ckpt)
+    check_detect_score(
+        by, has_class_head(stages.infection.recipe), cfg.infection_ckpt, cfg.detect.get("threshold")
+    )
     for stage_module in stages.modules():
         stage_module.tta = tta  # both stages' masks are of the TTA mean
     trainer = evaluation_trainer(trainer_config(cfg))
@@ -451,11 +463,12 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             outputs.write_rows(out / ANALYSIS_FILE, rows)
             log.info(
-                "analysed %d of %d images into %s (%d COVID-19 calls at threshold %.3g %%, tta=%s)",
+                "analysed %d of %d images into %s (%d COVID-19 calls at %s >= %.3g, tta=%s)",
                 len(done),
                 len(rows),
                 out,
                 sum(r["covid"] for r in done),
+                by,
                 threshold,
                 tta,
             )
@@ -496,12 +509,13 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
         outputs.write_rows(out / ANALYSIS_FILE, rows)
         outputs.write_metrics(out, metrics)
         log.info(
-            "scored %d %s images: detection sensitivity %.3f, specificity %.3f at %.3g %% "
+            "scored %d %s images: detection sensitivity %.3f, specificity %.3f at %s >= %.3g "
             "(%s); outputs in %s",
             len(rows),
             split,
             metrics["detect/sensitivity"],
             metrics["detect/specificity"],
+            by,
             threshold,
             source,
             out,

@@ -456,7 +456,8 @@ def _check_analyze(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
     from covidqu.pipeline.analysis import check_detect_score
 
     has_head = has_class_head(recipes["infection_ckpt"])
-    check_detect_score(cfg.detect.get("score", "mask"), has_head, cfg.infection_ckpt)
+    threshold = cfg.detect.get("threshold")
+    check_detect_score(cfg.detect.get("score", "mask"), has_head, cfg.infection_ckpt, threshold)
     if cfg.get("input"):
         find_inputs(cfg.input, recursive=bool(cfg.get("recursive")))  # exists, holds images
     if cfg.get("output"):
