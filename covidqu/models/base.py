@@ -152,8 +152,7 @@ class CXRModule(pl.LightningModule):
     def _step(self, batch: Mapping[str, Any], stage: str) -> tuple[Tensor, Tensor | None]:
         # test-time augmentation in the test step only: training and validation see the network
         logits = self.test_logits(batch["image"]) if stage == "test" else self(batch["image"])
-        target = batch[self.target_key]
-        loss = self.loss_fn(logits, target) if self.loss_fn is not None else None
+        loss, parts = self.loss_of(logits, batch) if self.loss_fn is not None else (None, {})
         bs = batch["image"].shape[0]
         if loss is not None:
             self.log(
@@ -165,7 +164,7 @@ class CXRModule(pl.LightningModule):
                 batch_size=bs,
                 sync_dist=stage != "train",
             )
-            for name, value in (getattr(self.loss_fn, "last", None) or {}).items():
+            for name, value in parts.items():
                 self.log(
                     f"{stage}/loss_{name}",
                     value,
@@ -173,8 +172,16 @@ class CXRModule(pl.LightningModule):
                     batch_size=bs,
                     sync_dist=stage != "train",
                 )
-        self.update_metrics(stage, logits.detach(), batch)
+        self.update_metrics(stage, detached(logits), batch)
         return logits, loss
+
+    def loss_of(
+        self, logits: Tensor, batch: Mapping[str, Any]
+    ) -> tuple[Tensor, Mapping[str, Tensor]]:
+        """The loss of a batch, and its named parts to log as ``<stage>/loss_<name>`` (those a
+        :class:`~covidqu.models.losses.WeightedSum` remembers)."""
+        loss = self.loss_fn(logits, batch[self.target_key])
+        return loss, dict(getattr(self.loss_fn, "last", None) or {})
 
     def update_metrics(self, stage: str, logits: Tensor, batch: Mapping[str, Any]) -> None:
         """Add a batch to the metrics of ``stage``: the logits against the batch's target."""
@@ -202,7 +209,7 @@ class CXRModule(pl.LightningModule):
         if batch is None:
             return
         logits, _ = self._step(batch, "test")
-        self.record_test_batch(batch, logits.detach())
+        self.record_test_batch(batch, detached(logits))
 
     # -- what the task shows: the pipeline calls these without knowing which task runs ---------
 
@@ -310,6 +317,14 @@ class CXRModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "covidqu" in checkpoint and not self.recipe:
             self.recipe = {k: v for k, v in checkpoint["covidqu"].items() if k != "module_class"}
+
+
+def detached(outputs: Any) -> Any:
+    """A network's output detached from the graph: a tensor, or each of a tuple of them (a
+    network with a classification head gives masks and class logits)."""
+    if isinstance(outputs, tuple):
+        return tuple(o.detach() for o in outputs)
+    return outputs.detach()
 
 
 def gather_rows(rows: list[Any]) -> list[Any]:

@@ -15,6 +15,27 @@ from covidqu.models.base import CXRModule
 from covidqu.models.figures import classification_panel, denormalise
 
 
+def confusion_table(matrix: Tensor | None) -> dict[str, list[dict[str, Any]]]:
+    """``{"confusion_matrix": rows}``: one row per true class, one column per predicted class;
+    empty without a matrix."""
+    if matrix is None:
+        return {}
+    rows = [
+        {"truth": truth, **{name: int(matrix[i, j]) for j, name in enumerate(CLASSES)}}
+        for i, truth in enumerate(CLASSES)
+    ]
+    return {"confusion_matrix": rows}
+
+
+def class_columns(probabilities: Tensor | np.ndarray) -> dict[str, Any]:
+    """The predicted class and each class's probability (``p_<class>``) of one image, from
+    its class probabilities (in :data:`~covidqu.constants.CLASSES` order)."""
+    probs = [float(p) for p in probabilities]
+    row: dict[str, Any] = {"predicted": CLASSES[int(np.argmax(probs))]}
+    row.update({f"p_{name}": probs[c] for c, name in enumerate(CLASSES)})
+    return row
+
+
 class ClassificationModule(CXRModule):
     """Classification of a CXR into :data:`covidqu.constants.CLASSES` (in that order).
 
@@ -83,21 +104,13 @@ class ClassificationModule(CXRModule):
 
     def test_tables(self) -> dict[str, list[dict[str, Any]]]:
         """``confusion_matrix``: one row per true class, one column per predicted class."""
-        matrix = self.confusion.get("test")
-        if matrix is None:
-            return {}
-        rows = [
-            {"truth": truth, **{name: int(matrix[i, j]) for j, name in enumerate(CLASSES)}}
-            for i, truth in enumerate(CLASSES)
-        ]
-        return {"confusion_matrix": rows}
+        return confusion_table(self.confusion.get("test"))
 
     def predict_outputs(
         self, image: np.ndarray, probabilities: np.ndarray
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The predicted class and each class's probability; the image captioned with it."""
         k = int(probabilities.argmax())
-        row: dict[str, Any] = {"predicted": CLASSES[k]}
-        row.update({f"p_{name}": float(probabilities[i]) for i, name in enumerate(CLASSES)})
+        row = class_columns(probabilities)
         overlay = classification_panel(image, None, k, probabilities.tolist())
         return row, {"overlay": overlay}

@@ -60,6 +60,11 @@ class SegmentationModule(CXRModule):
             )
         return mask > 0 if len(names) == 1 else mask >= names.index(name)
 
+    def mask_logits(self, outputs: Any) -> Tensor:
+        """The mask logits among the network's outputs: all of them here (a network with a
+        classification head returns more)."""
+        return outputs
+
     def update_metrics(self, stage: str, logits: Tensor, batch: Mapping[str, Any]) -> None:
         """The masks, and the images' classes for the COVID-19-only figures."""
         self.stage_metrics(stage).update(logits, batch["mask"], batch.get("label"))
@@ -117,7 +122,7 @@ class SegmentationModule(CXRModule):
         precision = self.trainer.precision_plugin
         images = precision.convert_input(batch["image"][:n])
         with precision.val_step_context():
-            logits = self(images)
+            logits = self.mask_logits(self(images))
         items = self._overlay_items(batch, logits, n)
         return [(item["id"], self.render_overlay(item)) for item in items]
 

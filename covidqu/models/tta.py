@@ -7,6 +7,9 @@
 - ``flip_scale``: ``flip`` at each of :data:`SCALES`: the image is resized (bilinear), predicted,
   and the pixel probabilities resized back to the image's size (bilinear) before averaging.
 
+A network with two outputs (``task=multitask``: pixel and class probabilities) gives a tuple;
+each output goes through the same augmentation, by its own rule (4-D: mapped back; 2-D: as is).
+
 Probabilities are averaged, never logits: the mean of two confident logits of opposite signs
 says less than either, the mean of their probabilities says "unsure". Training and validation
 never use TTA: the module's ``tta`` is set by the commands that evaluate and predict.
@@ -15,6 +18,7 @@ never use TTA: the module's ``tta`` is set by the commands that evaluate and pre
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -46,35 +50,57 @@ def scaled_side(side: int, scale: float, multiple: int = SIZE_MULTIPLE) -> int:
     return max(multiple, int(side * scale / multiple + 0.5) * multiple)
 
 
-def _flip_mean(
-    logits_fn: Callable[[Tensor], Tensor],
-    probabilities_fn: Callable[[Tensor], Tensor],
-    image: Tensor,
-) -> Tensor:
-    """The mean of the probabilities of ``image`` and of its mirror, mirrored back; both in one
-    call of the network (one batch of twice the size)."""
-    n = image.shape[0]
-    probs = probabilities_fn(logits_fn(torch.cat([image, image.flip(-1)])).float())
-    plain, mirrored = probs[:n], probs[n:]
-    if mirrored.dim() == 4:  # pixel probabilities: back to the image's orientation
+#: A network's output: one tensor, or a tuple of them (pixel and class probabilities).
+Out = TypeVar("Out", Tensor, tuple[Tensor, ...])
+
+
+def _each(fn: Callable[..., Tensor], *outputs: Out) -> Out:
+    """``fn`` applied to one output, or to each of a tuple of outputs (element-wise across
+    ``outputs``), keeping the shape of the output."""
+    if isinstance(outputs[0], tuple):
+        return tuple(fn(*parts) for parts in zip(*outputs, strict=True))
+    return fn(*outputs)
+
+
+def _float(x: Tensor) -> Tensor:
+    return x.float()
+
+
+def _unflip(pair: Tensor, n: int) -> Tensor:
+    """The mean of the first ``n`` rows and of the mirrored rest mirrored back (pixel
+    probabilities; a class probability needs no mapping back)."""
+    plain, mirrored = pair[:n], pair[n:]
+    if mirrored.dim() == 4:
         mirrored = mirrored.flip(-1)
     return (plain + mirrored) / 2
 
 
+def _flip_mean(
+    logits_fn: Callable[[Tensor], Out],
+    probabilities_fn: Callable[[Out], Out],
+    image: Tensor,
+) -> Out:
+    """The mean of the probabilities of ``image`` and of its mirror, mirrored back; both in one
+    call of the network (one batch of twice the size)."""
+    n = image.shape[0]
+    probs = probabilities_fn(_each(_float, logits_fn(torch.cat([image, image.flip(-1)]))))
+    return _each(lambda p: _unflip(p, n), probs)
+
+
 def tta_probabilities(
-    logits_fn: Callable[[Tensor], Tensor],
-    probabilities_fn: Callable[[Tensor], Tensor],
+    logits_fn: Callable[[Tensor], Out],
+    probabilities_fn: Callable[[Out], Out],
     image: Tensor,
     mode: str = "none",
     scales: tuple[float, ...] = SCALES,
     multiple: int = SIZE_MULTIPLE,
-) -> Tensor:
-    """The probabilities (B x C x H x W or B x C) of a batch of images (B x 1 x H x W) under
-    test-time augmentation ``mode``.
+) -> Out:
+    """The probabilities (B x C x H x W or B x C, or a tuple of both) of a batch of images
+    (B x 1 x H x W) under test-time augmentation ``mode``.
 
     Args:
-        logits_fn: the network: ``logits_fn(image)`` gives logits.
-        probabilities_fn: logits to probabilities (sigmoid or softmax).
+        logits_fn: the network: ``logits_fn(image)`` gives logits (or a tuple of them).
+        probabilities_fn: logits to probabilities (sigmoid or softmax; each of a tuple).
         image: the batch, as the network takes it.
         mode: one of :data:`TTA_MODES`.
         scales: the scales of ``flip_scale``; scales that give the same size once rounded
@@ -83,7 +109,7 @@ def tta_probabilities(
     """
     check_tta(mode)
     if mode == "none":
-        return probabilities_fn(logits_fn(image).float())
+        return probabilities_fn(_each(_float, logits_fn(image)))
     if mode == "flip":
         return _flip_mean(logits_fn, probabilities_fn, image)
     h, w = image.shape[-2:]
@@ -96,8 +122,14 @@ def tta_probabilities(
         if size != (h, w):
             x = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False)
             x = x.to(image.dtype)
-        probs = _flip_mean(logits_fn, probabilities_fn, x)
-        if probs.dim() == 4 and probs.shape[-2:] != (h, w):
-            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-        averaged.append(probs)
-    return torch.stack(averaged).mean(dim=0)
+        averaged.append(
+            _each(lambda p: _resized(p, h, w), _flip_mean(logits_fn, probabilities_fn, x))
+        )
+    return _each(lambda *ps: torch.stack(ps).mean(dim=0), *averaged)
+
+
+def _resized(probs: Tensor, h: int, w: int) -> Tensor:
+    """Pixel probabilities back at the image's size (bilinear); class probabilities as they are."""
+    if probs.dim() == 4 and probs.shape[-2:] != (h, w):
+        return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+    return probs

@@ -7,6 +7,11 @@ threshold is called COVID-19. On any images (``input=``) it writes masks, overla
 ``analysis.csv``; on a split of the infection subset it also scores every step against the
 ground truth (``metrics.json``, plots), choosing the detection threshold on another split.
 
+The detection score (``detect.score``) is the infected share of the lung (``mask``, percent),
+or, for an infection model with a classification head (``task=multitask``), its COVID-19
+probability (``classifier``), or the mean of the two on one scale (``mean``: the infected
+fraction of the lung, 0..1, and the probability).
+
 It runs through a Lightning Trainer from the ``trainer`` group, as ``train`` and ``eval`` do: on
 several processes (``trainer=ddp_cpu``) each analyses its share of the images, and the files
 are those of one process, every image once.
@@ -37,6 +42,7 @@ from covidqu.models.base import gather_rows
 from covidqu.models.calibration import binary_ece, plot_reliability
 from covidqu.models.ensemble import load_model
 from covidqu.models.figures import caption, tint
+from covidqu.models.multitask import has_class_head
 from covidqu.models.tta import check_tta
 from covidqu.pipeline import outputs
 from covidqu.pipeline.distributed import evaluation_trainer, job_scope
@@ -48,6 +54,44 @@ ANALYSIS_FILE = "analysis.csv"
 #: Where the detection threshold comes from when it is not given: the split it is tuned on, for
 #: each split that is scored. The training split has none: give ``detect.threshold`` there.
 TUNING_SPLIT = {"test": "val", "val": "train"}
+#: The values of ``detect.score``: what an image's COVID-19 score is made of.
+DETECT_SCORES = ("mask", "classifier", "mean")
+
+
+def check_detect_score(
+    score: str, has_head: bool, infection_ckpt: Any, threshold: float | None = None
+) -> str:
+    """``score`` if it is one of :data:`DETECT_SCORES`, the infection model can give it, and a
+    fixed ``detect.threshold`` is on its scale; a :class:`ConfigError` naming ``detect.score``
+    (and ``infection_ckpt`` or ``detect.threshold``) otherwise."""
+    if score not in DETECT_SCORES:
+        raise ConfigError(
+            f"detect.score={score} is not one of {', '.join(DETECT_SCORES)}: e.g. detect.score=mask"
+        )
+    if score != "mask" and not has_head:
+        raise ConfigError(
+            f"detect.score={score} needs an infection model with a classification head, but "
+            f"infection_ckpt={infection_ckpt} has none: give a task=multitask checkpoint as "
+            "infection_ckpt, or use detect.score=mask"
+        )
+    if score != "mask" and threshold is not None and threshold > 1:
+        raise ConfigError(
+            f"detect.threshold={threshold} is a percent of the lung, but detect.score={score} "
+            "scores from 0 to 1: give detect.threshold in [0, 1] (e.g. 0.5), or leave it null "
+            "to tune it on another split"
+        )
+    return score
+
+
+def detection_score(share: float, p_covid: float | None, score: str) -> float:
+    """An image's COVID-19 score under ``detect.score``: the infected share of the lung
+    (percent), the classifier's COVID-19 probability, or the mean of the infected fraction
+    (share / 100) and that probability."""
+    if score == "mask":
+        return share
+    if p_covid is None:
+        raise ValueError(f"detect.score={score} needs the infection model's class probabilities")
+    return p_covid if score == "classifier" else (share / 100.0 + p_covid) / 2.0
 
 
 @dataclass
@@ -91,27 +135,53 @@ def segment(
 ) -> list[tuple[Any, Any]]:
     """The predicted lung and infection masks (bool, at each image's own size); the infection
     is kept inside the lung."""
-    probs = {id(m): probabilities(m, images, device) for m in stages.modules()}
+    return [(lung, infection) for lung, infection, _ in stage_outputs(stages, images, device)]
+
+
+def stage_outputs(
+    stages: Stages, images: Sequence[np.ndarray], device: str | torch.device
+) -> list[tuple[Any, Any, float | None]]:
+    """:func:`segment`'s masks of each image, and the infection model's COVID-19 probability
+    where it has a classification head (else ``None``)."""
+    probs = {}
+    for m in stages.modules():
+        out = probabilities(m, images, device)
+        # a model with a classification head gives (pixel, class) probabilities
+        probs[id(m)] = out if isinstance(out, tuple) else (out, None)
+    classes = probs[id(stages.infection)][1]
     out = []
     for i, img in enumerate(images):
         h, w = img.shape
-        lung_mask = stages.lung.mask_at(probs[id(stages.lung)][i], h, w)
-        inf_mask = stages.infection.mask_at(probs[id(stages.infection)][i], h, w)
+        lung_mask = stages.lung.mask_at(probs[id(stages.lung)][0][i], h, w)
+        inf_mask = stages.infection.mask_at(probs[id(stages.infection)][0][i], h, w)
         lung = stages.lung.region(lung_mask, "lung")
         infection = stages.infection.region(inf_mask, "infection") & lung
-        out.append((lung, infection))
+        out.append((lung, infection, None if classes is None else float(classes[i, COVID])))
     return out
 
 
-def judge(lung: np.ndarray, infection: np.ndarray, cutoffs: dict, threshold: float) -> dict:
-    """Severity, grade and the COVID-19 call of one image from its masks."""
+def judge(
+    lung: np.ndarray,
+    infection: np.ndarray,
+    cutoffs: dict,
+    threshold: float,
+    score: str = "mask",
+    p_covid: float | None = None,
+) -> dict:
+    """Severity, grade and the COVID-19 call of one image from its masks and, for
+    ``detect.score=classifier|mean`` (:func:`detection_score`), its COVID-19 probability
+    ``p_covid``, which the row then holds too."""
     share = infected_share(lung, infection)
-    return {
+    covid_score = detection_score(share, p_covid, score)
+    row = {
         "severity_pct": share,
         "grade": grade(share, cutoffs),
-        "covid": int(share >= threshold),
-        "covid_score": share,
+        "covid": int(covid_score >= threshold),
+        "covid_score": covid_score,
     }
+    if p_covid is not None:
+        row["p_covid"] = p_covid
+    return row
 
 
 def overlay(image: np.ndarray, lung: np.ndarray, infection: np.ndarray, row: dict) -> np.ndarray:
@@ -200,12 +270,18 @@ class TwoStages(pl.LightningModule):
     Args:
         stages: the two models.
         cutoffs: the grades' lower bounds (``grades``).
-        threshold: the infected share of the lung (percent) from which COVID-19 is called.
+        threshold: the detection score from which COVID-19 is called.
         out: where the masks and overlays go; ``None``: no pictures.
+        score: what the detection score is (``detect.score``, :func:`detection_score`).
     """
 
     def __init__(
-        self, stages: Stages, cutoffs: dict, threshold: float, out: Path | None = None
+        self,
+        stages: Stages,
+        cutoffs: dict,
+        threshold: float,
+        out: Path | None = None,
+        score: str = "mask",
     ) -> None:
         super().__init__()
         self.stages = stages
@@ -213,6 +289,7 @@ class TwoStages(pl.LightningModule):
         self.cutoffs = cutoffs
         self.threshold = threshold
         self.out = out
+        self.score = score
         self.rows: list[dict[str, Any]] = []
         self._indexed: list[tuple[int, dict[str, Any]]] = []
 
@@ -223,11 +300,10 @@ class TwoStages(pl.LightningModule):
         """``(index, row)`` of each item of the batch; pictures of the readable ones."""
         found = []
         readable = [item for item in batch if "image" in item]
-        masks = (
-            segment(self.stages, [i["image"] for i in readable], self.device) if readable else []
-        )
-        for item, (lung, infection) in zip(readable, masks, strict=True):
-            row = self.describe(item, lung, infection)
+        images = [i["image"] for i in readable]
+        masks = stage_outputs(self.stages, images, self.device) if readable else []
+        for item, (lung, infection, p_covid) in zip(readable, masks, strict=True):
+            row = self.describe(item, lung, infection, p_covid)
             if self.out is not None:
                 _write_pictures(self.out, item["name"], item["image"], lung, infection, row)
             found.append((item["index"], row))
@@ -238,18 +314,25 @@ class TwoStages(pl.LightningModule):
         self._indexed += found
         return found
 
-    def describe(self, item: dict[str, Any], lung: np.ndarray, infection: np.ndarray) -> dict:
+    def describe(
+        self,
+        item: dict[str, Any],
+        lung: np.ndarray,
+        infection: np.ndarray,
+        p_covid: float | None = None,
+    ) -> dict:
         """The row of one image: the figures, and the truth beside them for a sample."""
+        judged = judge(lung, infection, self.cutoffs, self.threshold, self.score, p_covid)
         if "file" in item:
             h, w = item["image"].shape
             row: dict[str, Any] = {"file": str(item["file"]), "status": "ok"}
             row.update(height=h, width=w)
-            row.update(judge(lung, infection, self.cutoffs, self.threshold))
+            row.update(judged)
             return row
         true_lung, true_inf = item["true_lung"], item["true_infection"]
         true_share = infected_share(true_lung, true_inf)
         row = {"id": item["id"], "class": item["cls"]}
-        row.update(judge(lung, infection, self.cutoffs, self.threshold))
+        row.update(judged)
         row["true_covid"] = item["true_covid"]
         row["true_severity_pct"] = true_share
         row["true_grade"] = grade(true_share, self.cutoffs)
@@ -359,6 +442,8 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
             "infection_ckpt alone for a model trained with data.target=infection_multiclass"
         )
     check_tta(cfg.get("tta", "none"))
+    by, fixed = cfg.detect.get("score", "mask"), cfg.detect.get("threshold")
+    check_detect_score(by, True, cfg.infection_ckpt, fixed)
     with job_scope():
         return _analyze(cfg)
 
@@ -366,6 +451,10 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 def _analyze(cfg: DictConfig) -> dict[str, Any]:
     tta = cfg.get("tta", "none")
     stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, "cpu")
+    by = cfg.detect.get("score", "mask")
+    check_detect_score(
+        by, has_class_head(stages.infection.recipe), cfg.infection_ckpt, cfg.detect.get("threshold")
+    )
     for stage_module in stages.modules():
         stage_module.tta = tta  # both stages' masks are of the TTA mean
     trainer = evaluation_trainer(trainer_config(cfg))
@@ -378,7 +467,7 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("input"):
         threshold = float(cfg.detect.default_threshold if fixed is None else fixed)
         files = find_inputs(cfg.input, recursive=cfg.get("recursive", False))
-        module = TwoStages(stages, cutoffs, threshold, out)
+        module = TwoStages(stages, cutoffs, threshold, out, by)
         rows = run_stages(trainer, module, files, batch_size, workers)
         # no metrics.json here: each row names the TTA, as predict's rows do
         rows = [{**r, "tta": tta} if r["status"] == "ok" else r for r in rows]
@@ -386,15 +475,16 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             outputs.write_rows(out / ANALYSIS_FILE, rows)
             log.info(
-                "analysed %d of %d images into %s (%d COVID-19 calls at threshold %.3g %%, tta=%s)",
+                "analysed %d of %d images into %s (%d COVID-19 calls at %s >= %.3g, tta=%s)",
                 len(done),
                 len(rows),
                 out,
                 sum(r["covid"] for r in done),
+                by,
                 threshold,
                 tta,
             )
-        return {"images": len(done), "threshold": threshold, "tta": tta}
+        return {"images": len(done), "threshold": threshold, "tta": tta, "detect_score": by}
 
     split = cfg.split
     limit = cfg.data.get("limit_per_class")
@@ -407,7 +497,8 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
 
         samples = split_samples(cfg.data.root, source, limit)
         # every process holds every row: each chooses the same threshold
-        tuning = run_stages(trainer, TwoStages(stages, cutoffs, 0.0), samples, batch_size, workers)
+        tuner = TwoStages(stages, cutoffs, 0.0, score=by)
+        tuning = run_stages(trainer, tuner, samples, batch_size, workers)
         threshold = choose_threshold(
             [r["covid_score"] for r in tuning], [r["true_covid"] for r in tuning]
         )
@@ -418,23 +509,25 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
             "detect.threshold=<percent of the lung> to score this one"
         )
     samples = split_samples(cfg.data.root, split, limit)
-    module = TwoStages(stages, cutoffs, threshold, out)
+    module = TwoStages(stages, cutoffs, threshold, out, by)
     rows = run_stages(trainer, module, samples, batch_size, workers)
     metrics = None
     if trainer.is_global_zero:
         metrics = score(rows, threshold, source, cfg, out)
         metrics["split"] = split
         metrics["tta"] = tta
+        metrics["detect_score"] = by
         metrics["world_size"] = int(trainer.world_size)
         outputs.write_rows(out / ANALYSIS_FILE, rows)
         outputs.write_metrics(out, metrics)
         log.info(
-            "scored %d %s images: detection sensitivity %.3f, specificity %.3f at %.3g %% "
+            "scored %d %s images: detection sensitivity %.3f, specificity %.3f at %s >= %.3g "
             "(%s); outputs in %s",
             len(rows),
             split,
             metrics["detect/sensitivity"],
             metrics["detect/specificity"],
+            by,
             threshold,
             source,
             out,

@@ -83,6 +83,12 @@ def check_config(cfg: DictConfig) -> None:
             f"task={cfg.task.name} needs {network.what}, but the model config builds "
             f"{builder.rsplit('.', 1)[-1]} ({builder}); use {network.choices}"
         )
+    for key in (network or {}).get("requires") or []:  # model options the task's module reads
+        if cfg.model.get(key) in (None, {}, []):
+            raise ConfigError(
+                f"task={cfg.task.name} needs model.{key} (set by conf/task/{cfg.task.name}.yaml), "
+                f"but it is empty: remove the override of model.{key}, or choose another task"
+            )
     monitor = str(cfg.task.monitor)
     if not monitor.startswith(("val/", "train/")):
         raise ConfigError(f"task.monitor={monitor} must name a logged metric such as val/dice")

@@ -6,7 +6,8 @@ W`` for segmentation, ``B x C`` for classification). Reading, resizing and norma
 and turning logits into probabilities, stay with the caller; what they must do travels inside
 the file as one JSON document (:func:`metadata`) under the name :data:`METADATA_NAME`: an ONNX
 ``metadata_props`` entry, or an extra file of the TorchScript archive. A file is never written
-unless it reproduces the checkpoint's own logits (:func:`check_export`).
+unless it reproduces the checkpoint's own logits (:func:`check_export`). A network with two
+outputs (``task=multitask``) is refused up front (:func:`check_single_output`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,21 @@ def check_output(output: Any) -> Path:
         raise ConfigError(f"output={path} is a folder; give a file, e.g. output={path}/model.onnx")
     check_output_dir(path.parent, "output")
     return path
+
+
+def check_single_output(recipe: dict[str, Any], ckpt_path: Any) -> None:
+    """Refuse a network with a classification head (``task=multitask``): its two outputs
+    would need a second output name and its own metadata, which the formats here do not
+    describe yet; its masks alone come from a task=infection checkpoint."""
+    from covidqu.models.multitask import has_class_head
+
+    if has_class_head(recipe):
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} holds a network with a classification head "
+            f"(task={(recipe.get('task') or {}).get('name', 'multitask')}: masks and class "
+            "logits), and export writes networks with one output only: export a task=infection "
+            "or task=classify checkpoint, or use python -m covidqu.predict with this one"
+        )
 
 
 def metadata(module: Any) -> dict[str, Any]:
@@ -255,6 +271,7 @@ def export(
     check_installed(fmt)
     path = check_output(output)
     module = load_module(ckpt_path)
+    check_single_output(module.recipe, ckpt_path)
     meta = metadata(module)
     h, w = meta["preprocessing"]["image_size"]
     # The network alone: the LightningModule's forward adds only a memory-format choice.

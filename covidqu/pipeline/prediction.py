@@ -72,16 +72,32 @@ def prepare(image: np.ndarray, transform: Any, mean: float, std: float) -> torch
     return normalise(transform(image=image)["image"], mean, std)
 
 
-def probabilities(module: Any, images: Sequence[np.ndarray], device: str) -> np.ndarray:
-    """The module's probabilities (B x C x h x w or B x C) for 2-D uint8 images of any size,
-    resized and normalised as the checkpoint's evaluation split was, averaged over the
-    module's test-time augmentation (``module.tta``)."""
+def probabilities(module: Any, images: Sequence[np.ndarray], device: str) -> Any:
+    """The module's probabilities (B x C x h x w or B x C; a tuple of both for a network with a
+    classification head) for 2-D uint8 images of any size, resized and normalised as the
+    checkpoint's evaluation split was, averaged over the module's test-time augmentation
+    (``module.tta``)."""
     pre = preprocessing(module)
     resize = build_transform(pre["image_size"])
     mean, std = float(pre["mean"]), float(pre["std"])
     x = torch.stack([prepare(img, resize, mean, std) for img in images])
     with torch.inference_mode():
-        return module.predict_probabilities(x.to(device)).cpu().numpy()
+        return as_numpy(module.predict_probabilities(x.to(device)))
+
+
+def as_numpy(probs: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+    """A batch's probabilities as numpy: one array, or a tuple of arrays for a network with two
+    outputs (``task=multitask``: pixel, then class probabilities)."""
+    if isinstance(probs, tuple):
+        return tuple(p.cpu().numpy() for p in probs)
+    return probs.cpu().numpy()
+
+
+def per_image(probs: Any) -> list[Any]:
+    """:func:`as_numpy`'s batch as one item per image (an array, or a tuple of arrays)."""
+    if isinstance(probs, tuple):
+        return list(zip(*probs, strict=True))
+    return list(probs)
 
 
 def output_names(files: Sequence[Path]) -> dict[Path, str]:
@@ -208,7 +224,7 @@ def predict(
             if x is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 x = x.to(device, non_blocking=True)
-                probs = module.predict_probabilities(x).cpu().numpy()
+                probs = per_image(as_numpy(module.predict_probabilities(x)))
                 for i, image, p in zip(indices, images, probs, strict=True):
                     f = files[i]
                     fields, pictures = module.predict_outputs(image, p)

@@ -188,6 +188,22 @@ RULES: tuple[Rule, ...] = (
         "detect.threshold=1.5",
     ),
     Rule("tta", _one_of(*TTA_MODES), "none, flip or flip_scale", "tta=flip"),
+    Rule(
+        "detect.score",
+        _one_of("mask", "classifier", "mean"),
+        "mask, classifier or mean",
+        "detect.score=classifier",
+        ("analyze",),
+    ),
+    *(
+        Rule(
+            f"module.loss_weights.{part}",
+            _non_negative,
+            "a number >= 0",
+            f"module.loss_weights.{part}={weight}",
+        )
+        for part, weight in (("seg", 1.0), ("cls", 0.5))
+    ),
     Rule("detect.n_boot", _int_at_least(0), "an integer >= 0", "detect.n_boot=1000"),
     *(
         Rule(f"grades.{g}", lambda x: _number(x) and 0 <= x <= 100, "a percent in [0, 100]", "25")
@@ -450,6 +466,10 @@ def _check_predict(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
     check_output_dir(cfg.output, "output")
 
 
+#: The checkpoints ``analyze`` takes.
+CKPT_KEYS = ("lung_ckpt", "infection_ckpt")
+
+
 def _check_analyze(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> None:
     check_values(cfg, "analyze")
     _refuse_empty_lists(cfg, "lung_ckpt", "infection_ckpt")
@@ -458,9 +478,13 @@ def _check_analyze(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
             "infection_ckpt is required: python -m covidqu.analyze lung_ckpt=LUNG.ckpt "
             "infection_ckpt=INF.ckpt input=FILE_OR_DIR (or data.root=ROOT split=test)"
         )
-    for key in ("lung_ckpt", "infection_ckpt"):
-        if cfg.get(key):
-            check_checkpoints(cfg[key], key)
+    recipes = {key: check_checkpoints(cfg[key], key) for key in CKPT_KEYS if cfg.get(key)}
+    from covidqu.models.multitask import has_class_head
+    from covidqu.pipeline.analysis import check_detect_score
+
+    has_head = has_class_head(recipes["infection_ckpt"])
+    threshold = cfg.detect.get("threshold")
+    check_detect_score(cfg.detect.get("score", "mask"), has_head, cfg.infection_ckpt, threshold)
     if cfg.get("input"):
         find_inputs(cfg.input, recursive=bool(cfg.get("recursive")))  # exists, holds images
     if cfg.get("output"):
@@ -470,11 +494,17 @@ def _check_analyze(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> 
 
 
 def _check_export(cfg: DictConfig, out_dir: Path, overrides: Iterable[str]) -> None:
-    from covidqu.pipeline.export import check_format, check_installed, check_output, check_required
+    from covidqu.pipeline.export import (
+        check_format,
+        check_installed,
+        check_output,
+        check_required,
+        check_single_output,
+    )
 
     check_required(cfg)
     check_installed(check_format(cfg.format))
-    check_checkpoint(cfg.ckpt_path, "ckpt_path")
+    check_single_output(check_checkpoint(cfg.ckpt_path, "ckpt_path"), cfg.ckpt_path)
     check_output(cfg.output)
 
 
