@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from covidqu.errors import ConfigError
+from covidqu.models.calibration import binary_ece
 from covidqu.models.checkpoint import load_module
+from covidqu.models.ensemble import load_model
 from covidqu.models.multitask import MultitaskModule, check_loss_weights
 from covidqu.pipeline.analysis import ANALYSIS_FILE, analyze
 from covidqu.pipeline.config import check_config
@@ -167,6 +169,30 @@ def test_predict_writes_masks_and_class_columns(mt_ckpt, test_images, tmp_path):
     assert {"predicted", *CLASS_COLUMNS, "area_fraction"} <= set(written[0])
 
 
+def test_an_ensemble_of_multitask_models_averages_both_outputs(mt_ckpt, test_images, tmp_path):
+    """Members give (pixel, class) pairs: each part of the ensemble's is the mean of theirs."""
+    ckpt = torch.load(mt_ckpt, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    for key, value in ckpt["state_dict"].items():  # a second member: other heads
+        if "_head" in key and value.is_floating_point():
+            ckpt["state_dict"][key] = value + 0.2 * torch.randn(value.shape, generator=gen)
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    members = [load_module(mt_ckpt), load_module(other)]
+    paths = [str(mt_ckpt), str(other)]
+    rows = predict(paths, test_images, tmp_path / "out", device="cpu", progress_bar=False)
+    ensemble = load_model(paths)
+    for row in rows:
+        image = cv2.imread(row["file"], cv2.IMREAD_GRAYSCALE)
+        pixels, classes = zip(*(probabilities(m, [image], "cpu") for m in members), strict=True)
+        assert not np.allclose(classes[0], classes[1])
+        mean_classes = np.mean(classes, axis=0)[0]
+        assert [row[c] for c in CLASS_COLUMNS] == pytest.approx(mean_classes.tolist(), abs=1e-5)
+        ens_pixels, ens_classes = probabilities(ensemble, [image], "cpu")
+        np.testing.assert_allclose(ens_pixels, np.mean(pixels, axis=0), atol=1e-5)
+        np.testing.assert_allclose(ens_classes[0], mean_classes, atol=1e-5)
+
+
 def test_analyze_scores_detection_by_the_classifier(mt_ckpt, test_images, tmp_path):
     out = tmp_path / "classifier"
     args = [f"infection_ckpt={mt_ckpt}", f"input={test_images}", f"output={out}"]
@@ -196,6 +222,10 @@ def test_analyze_scores_a_split_by_the_mean(mt_ckpt, synth_root, tmp_path):
     for row in rows:
         mean = (float(row["severity_pct"]) / 100 + float(row["p_covid"])) / 2
         assert float(row["covid_score"]) == pytest.approx(mean, abs=1e-5)
+    # the score is a probability already: its calibration error reads it as it is
+    scores = np.array([float(r["covid_score"]) for r in rows])
+    truth = np.array([int(r["true_covid"]) for r in rows])
+    assert metrics["detect/ece"] == pytest.approx(binary_ece(scores, truth), abs=1e-6)
 
 
 def _without_head(ckpt_path: Path, out: Path) -> Path:

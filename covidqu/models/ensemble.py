@@ -100,12 +100,21 @@ class EnsembleNet(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
 
-    def forward(self, image: Tensor) -> Tensor:
+    def forward(self, image: Tensor) -> Tensor | tuple[Tensor, ...]:
         first: CXRModule = self.members[0]  # type: ignore[assignment]
-        mean = torch.stack(
-            [m.probabilities(m.calibrated(image).float()) for m in self.members]  # type: ignore[operator]
-        ).mean(dim=0)
-        return first.logits_of(mean)
+        probs = [m.probabilities(_as_float(m.calibrated(image))) for m in self.members]  # type: ignore[operator]
+        if isinstance(probs[0], tuple):  # task=multitask: (pixel, class) probabilities
+            return first.logits_of(
+                tuple(torch.stack(p).mean(dim=0) for p in zip(*probs, strict=True))
+            )
+        return first.logits_of(torch.stack(probs).mean(dim=0))
+
+
+def _as_float(logits: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    """Logits in float32 (probabilities are averaged in full precision), each of a pair too."""
+    if isinstance(logits, tuple):
+        return tuple(part.float() for part in logits)
+    return logits.float()
 
 
 def ensemble_module(

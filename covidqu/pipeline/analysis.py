@@ -94,6 +94,21 @@ def detection_score(share: float, p_covid: float | None, score: str) -> float:
     return p_covid if score == "classifier" else (share / 100.0 + p_covid) / 2.0
 
 
+#: What the probability of COVID-19 that ``detect/ece`` and the reliability diagram score is,
+#: for each ``detect.score``.
+SCORE_AS_PROBABILITY = {
+    "mask": "infected share of the lung (as a probability of COVID-19)",
+    "classifier": "classifier's probability of COVID-19",
+    "mean": "mean of the infected fraction and the classifier's probability",
+}
+
+
+def score_probability(scores: np.ndarray, score: str) -> np.ndarray:
+    """Detection scores as probabilities of COVID-19: the infected share of the lung is a
+    percent (``mask``), the other scores are already in [0, 1]."""
+    return scores / 100.0 if score == "mask" else scores
+
+
 @dataclass
 class Stages:
     """The models of the two stages (the same module for both with a multi-class model)."""
@@ -377,8 +392,9 @@ def score(
         scores, truth, threshold, n_boot=int(cfg.detect.n_boot), seed=int(cfg.detect.seed)
     )
     metrics.update({f"detect/{k}": v for k, v in detect.items()})
-    # the infected share of the lung read as the probability of COVID-19
-    metrics["detect/ece"] = binary_ece(scores / 100.0, truth)
+    kind = cfg.detect.get("score", "mask")
+    probability = score_probability(scores, kind)
+    metrics["detect/ece"] = binary_ece(probability, truth)
     metrics["detect/threshold"] = float(threshold)
     metrics["detect/threshold_source"] = source
     pred_pct = [r["severity_pct"] for r in rows]
@@ -398,11 +414,11 @@ def score(
     metrics["images"] = len(rows)
     scoring.plot_roc(scores, truth, threshold, out / "roc.png")
     plot_reliability(
-        scores / 100.0,
+        probability,
         truth,
         out / "reliability.png",
         title="detection",
-        xlabel="infected share of the lung (as a probability of COVID-19)",
+        xlabel=SCORE_AS_PROBABILITY[kind],
         ylabel="share of COVID-19 images",
     )
     scoring.plot_severity(pred_pct, true_pct, out / "severity.png")
