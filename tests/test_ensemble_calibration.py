@@ -241,7 +241,8 @@ def test_calibrate_fits_the_temperature_on_val_and_keeps_it(
     assert metrics["test/acc"] == plain_metrics["test/acc"]
     assert [r["predicted"] for r in rows] == [r["predicted"] for r in plain_rows]
     expected = torch.softmax(torch.tensor(np.log(_probs(plain_rows))) / temperature, dim=1)
-    np.testing.assert_allclose(_probs(rows), expected.numpy(), atol=2e-6)
+    # (both read back from 6-digit CSV columns: the rounding sets the tolerance)
+    np.testing.assert_allclose(_probs(rows), expected.numpy(), atol=2e-5)
 
 
 @torch.no_grad()

@@ -42,7 +42,6 @@ from covidqu.models.base import gather_rows
 from covidqu.models.calibration import binary_ece, plot_reliability
 from covidqu.models.ensemble import load_model
 from covidqu.models.figures import caption, tint
-from covidqu.models.multitask import has_class_head
 from covidqu.models.tta import check_tta
 from covidqu.pipeline import outputs
 from covidqu.pipeline.distributed import evaluation_trainer, job_scope
@@ -465,6 +464,10 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _analyze(cfg: DictConfig) -> dict[str, Any]:
+    # here, not at the top: its module pulls in smp (through the losses), which the command's
+    # start-up does without
+    from covidqu.models.multitask import has_class_head
+
     tta = cfg.get("tta", "none")
     stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, "cpu")
     by = cfg.detect.get("score", "mask")
