@@ -162,24 +162,26 @@ def test_failed_trials_do_not_crash_optuna(synth_root, tmp_path):
     assert len(job_dirs(out)) == 2
 
 
-def test_ddp_cpu_single_run_counts_every_test_image_once(synth_root, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_module(
-        "covidqu.train",
-        [*SHORT, f"data.root={synth_root}", *DDP_CPU, f"hydra.run.dir={run_dir}"],
-        env={"PROJECT_ROOT": str(tmp_path / "project")},
-    )
+def test_ddp_cpu_inside_a_sweep_counts_every_test_image_once(synth_root, tmp_path):
+    out, proc = sweep(synth_root, tmp_path, *DDP_CPU, "model=unet,fpn")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = read_metrics(run_dir)
-    assert metrics["world_size"] == 2
-    rows = read_csv(run_dir / "per_image.csv")
-    assert len(rows) == 9 and len({r["id"] for r in rows}) == 9  # 9 test images, no repeats
-    # the split-level figure equals a single-process evaluation of the same checkpoint
+    jobs = job_dirs(out)
+    assert len(jobs) == 2
+    for job in jobs:
+        assert read_metrics(job)["world_size"] == 2
+        rows = read_csv(job / "per_image.csv")
+        assert len(rows) == 9 and len({r["id"] for r in rows}) == 9  # 9 test images, no repeats
+        assert (job / "train_ddp_process_1.log").is_file()  # both processes logged here
+    # no stray folders from the re-launched processes, nothing written elsewhere
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0", "1"]
+    assert not (tmp_path / "project").exists()
+    # the split-level figures equal a single-process evaluation of the same checkpoint
+    metrics = read_metrics(jobs[0])
     ev = tmp_path / "eval"
     proc = run_module(
         "covidqu.eval",
         [
-            f"ckpt_path={run_dir / metrics['best_checkpoint']}",
+            f"ckpt_path={jobs[0] / metrics['best_checkpoint']}",
             f"data.root={synth_root}",
             "data.num_workers=0",
             "num_overlays=0",
@@ -191,20 +193,3 @@ def test_ddp_cpu_single_run_counts_every_test_image_once(synth_root, tmp_path):
     assert single["images"] == 9
     for name in ("dice", "iou", "sensitivity", "specificity", "precision"):
         assert math.isclose(single[f"test/{name}"], metrics[f"test/{name}"], abs_tol=1e-5), name
-    # both processes logged into the run folder, and nothing was written elsewhere
-    assert (run_dir / "train_ddp_process_1.log").is_file()
-    assert not (tmp_path / "project").exists()
-
-
-def test_ddp_cpu_inside_a_sweep(synth_root, tmp_path):
-    out, proc = sweep(synth_root, tmp_path, *DDP_CPU, "model=unet,fpn")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = job_dirs(out)
-    assert len(jobs) == 2
-    for job in jobs:
-        assert read_metrics(job)["world_size"] == 2
-        assert len(read_csv(job / "per_image.csv")) == 9
-        assert (job / "train_ddp_process_1.log").is_file()
-    # no stray folders from the re-launched processes
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0", "1"]
-    assert not (tmp_path / "project").exists()
