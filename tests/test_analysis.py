@@ -165,12 +165,9 @@ def test_scoring_test_uses_a_threshold_chosen_on_val(checkpoints, synth_root, tm
         f"data.root={synth_root}",
         "detect.n_boot=200",
     ]
-    val_out = tmp_path / "val"
-    proc = run_module(
-        "covidqu.analyze",
-        [*common, "split=val", "detect.threshold=0", f"hydra.run.dir={val_out}"],
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    val_out = tmp_path / "val"  # in this process; the test split goes through the command
+    val_args = [*common, "split=val", "detect.threshold=0"]
+    analysis.analyze(compose_config("analyze", val_args, val_out))
     assert read_metrics(val_out)["detect/threshold_source"] == "fixed"
     val_rows = read_csv(val_out / analysis.ANALYSIS_FILE)
     expected = choose_threshold(
@@ -201,36 +198,17 @@ def test_scoring_test_uses_a_threshold_chosen_on_val(checkpoints, synth_root, tm
 
 def test_analyze_on_the_real_sample(checkpoints, sample_root, tmp_path):
     out = tmp_path / "real"
-    proc = run_module(
-        "covidqu.analyze",
-        [
-            f"lung_ckpt={checkpoints['lung']}",
-            f"infection_ckpt={checkpoints['infection']}",
-            f"data.root={sample_root}",
-            "split=test",
-            "detect.threshold=1.0",
-            "detect.n_boot=100",
-            f"hydra.run.dir={out}",
-        ],
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    models = [f"lung_ckpt={checkpoints['lung']}", f"infection_ckpt={checkpoints['infection']}"]
+    args = [f"data.root={sample_root}", "split=test", "detect.threshold=1.0", "detect.n_boot=100"]
+    analysis.analyze(compose_config("analyze", [*models, *args], out))
     metrics = read_metrics(out)
     assert metrics["detect/threshold_source"] == "fixed" and metrics["images"] > 0
     assert 0.0 <= metrics["lung/dice_image"] <= 1.0
     # and the input form, on the real images themselves
     images = sample_root / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test"
     folder = next(images.glob("COVID-19/images"))
-    proc = run_module(
-        "covidqu.analyze",
-        [
-            f"lung_ckpt={checkpoints['lung']}",
-            f"infection_ckpt={checkpoints['infection']}",
-            f"input={folder}",
-            f"output={tmp_path / 'files'}",
-            f"hydra.run.dir={tmp_path / 'files_run'}",
-        ],
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    inputs = [f"input={folder}", f"output={tmp_path / 'files'}"]
+    analysis.analyze(compose_config("analyze", [*models, *inputs], tmp_path / "files_run"))
     rows = read_csv(tmp_path / "files" / analysis.ANALYSIS_FILE)
     assert len(rows) == len(list(folder.glob("*.png"))) and all(r["status"] == "ok" for r in rows)
     mask = cv2.imread(str(tmp_path / "files" / f"{Path(rows[0]['file']).stem}_lung_mask.png"), 0)
@@ -253,18 +231,9 @@ def test_one_infection_multiclass_checkpoint_serves_both_stages(synth_root, tmp_
     overrides += ["data.target=infection_multiclass", "loss=dice_ce", "trainer.max_epochs=1"]
     train(compose_config("train", overrides, run))
     out = tmp_path / "out"
-    proc = run_module(
-        "covidqu.analyze",
-        [
-            f"infection_ckpt={run / 'checkpoints' / 'best.ckpt'}",
-            f"data.root={synth_root}",
-            "split=test",
-            "detect.threshold=1.0",
-            "detect.n_boot=50",
-            f"hydra.run.dir={out}",
-        ],
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = [f"infection_ckpt={run / 'checkpoints' / 'best.ckpt'}", f"data.root={synth_root}"]
+    args += ["split=test", "detect.threshold=1.0", "detect.n_boot=50"]
+    analysis.analyze(compose_config("analyze", args, out))
     rows = read_csv(out / analysis.ANALYSIS_FILE)
     assert len(rows) == 9
     for row in rows:

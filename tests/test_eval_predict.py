@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from covidqu.models.checkpoint import CheckpointError, load_module
+from covidqu.pipeline.evaluation import evaluate
 from covidqu.pipeline.prediction import predict
 from covidqu.pipeline.training import train
 
@@ -86,18 +87,8 @@ def test_eval_writes_metrics_per_image_rows_and_overlays(lung_run: Path, synth_r
 
 def test_eval_on_val_and_refusing_preprocessing_overrides(lung_run: Path, synth_root, tmp_path):
     ckpt = lung_run / "checkpoints" / "best.ckpt"
-    proc = run_module(
-        "covidqu.eval",
-        [
-            f"ckpt_path={ckpt}",
-            f"data.root={synth_root}",
-            "split=val",
-            "num_overlays=0",
-            "data.num_workers=0",
-            f"hydra.run.dir={tmp_path / 'val'}",
-        ],
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = [f"ckpt_path={ckpt}", f"data.root={synth_root}", "split=val", "num_overlays=0"]
+    evaluate(compose_config("eval", [*args, "data.num_workers=0"], tmp_path / "val"))
     assert read_metrics(tmp_path / "val")["val/dice"] == pytest.approx(
         read_metrics(lung_run)["val/dice"], abs=1e-5
     )

@@ -163,10 +163,13 @@ def test_failed_trials_do_not_crash_optuna(synth_root, tmp_path):
 
 
 def test_ddp_cpu_inside_a_sweep_counts_every_test_image_once(synth_root, tmp_path):
-    out, proc = sweep(synth_root, tmp_path, *DDP_CPU, "model=unet,fpn")
+    # a single-task and the two-output task: both run their jobs on two processes
+    out, proc = sweep(synth_root, tmp_path, *DDP_CPU, "task=lung,multitask")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = job_dirs(out)
     assert len(jobs) == 2
+    multitask = read_metrics(jobs[1])
+    assert {"test/dice", "test/acc", "test/f1_macro", "val/loss_cls"} <= set(multitask)
     for job in jobs:
         assert read_metrics(job)["world_size"] == 2
         rows = read_csv(job / "per_image.csv")
