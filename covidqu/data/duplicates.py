@@ -26,9 +26,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,13 @@ import numpy as np
 
 from covidqu.constants import SPLITS, SUBSETS
 from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample
-from covidqu.data.packed import relative_key
+from covidqu.data.packed import (
+    add_cache_arguments,
+    default_workers,
+    file_stamp,
+    relative_key,
+    run_chunks,
+)
 from covidqu.data.readers import ImageDecodeError, read_image
 from covidqu.errors import UserError
 
@@ -89,20 +93,14 @@ def hash_files(
     """
     files = [str(p) for p in paths]
     chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]
-    n = min(8, os.cpu_count() or 1) if workers is None else workers
-    results: list[tuple[np.ndarray, list[tuple[str, str]]]] = []
-    if n <= 1 or len(files) < INLINE_BELOW:
-        for chunk in chunks:
-            results.append(_hash_chunk(chunk))
-            if progress:
-                progress(len(chunk))
-    else:
-        # spawn, not fork: the caller may be a training process with threads (or CUDA) running
-        with ProcessPoolExecutor(max_workers=n, mp_context=get_context("spawn")) as pool:
-            for chunk, result in zip(chunks, pool.map(_hash_chunk, chunks), strict=True):
-                results.append(result)
-                if progress:
-                    progress(len(chunk))
+    results = run_chunks(
+        _hash_chunk,
+        [(chunk,) for chunk in chunks],
+        [len(chunk) for chunk in chunks],
+        default_workers(workers),
+        len(files) < INLINE_BELOW,
+        progress,
+    )
     failed = [f for _, fs in results for f in fs]
     if failed:
         lines = [f"{len(failed)} image(s) could not be decoded to hash them:"]
@@ -117,16 +115,7 @@ def hash_files(
 def _fingerprint(samples: Sequence[Sample], base: Path) -> str:
     h = hashlib.sha256(f"phash{HASH_VERSION}\0{cv2.__version__}\n".encode())
     for s in sorted(samples, key=relative_key):
-        try:
-            st = os.stat(s.image)
-        except OSError as err:
-            raise DataError(
-                f"cannot read {s.image} to hash it: {err.strerror or err}. Restore it, or remove "
-                "the image with its masks."
-            ) from err
-        h.update(
-            f"{s.image.relative_to(base).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
-        )
+        h.update(file_stamp(s.image, base, "to hash it"))
     return h.hexdigest()
 
 
@@ -398,15 +387,7 @@ def add_arguments(parser: Any) -> None:
         default=20,
         help="pairs listed per pair of splits (0: all); straddling pairs are always all listed",
     )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="as paths.cache_dir (default: $COVIDQU_CACHE, else ~/.cache/covidqu)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="decoding processes (default: up to 8)"
-    )
+    add_cache_arguments(parser)
 
 
 def run(args: Any) -> int:

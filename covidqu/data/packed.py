@@ -111,6 +111,68 @@ def _mask_paths(sample: Sample, kinds: Sequence[str]) -> list[Path]:
     return [p for p in (sample.mask(k) for k in kinds) if p is not None]
 
 
+def file_stamp(path: str | os.PathLike[str], base: Path, doing: str, then: str = "") -> bytes:
+    """One file's line of a fingerprint: its name relative to ``base``, its size and its
+    modification time (ns), so a replaced or touched file changes the fingerprint. A file that
+    cannot be read is a :class:`DataError` naming it (``doing``: what it was read for; ``then``:
+    what to do after the fix)."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        fix = "Restore it, or remove the image with its masks" + (f", {then}." if then else ".")
+        raise DataError(f"cannot read {path} {doing}: {err.strerror or err}. {fix}") from err
+    rel = Path(path).relative_to(base).as_posix()
+    return f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+
+
+def default_workers(workers: int | None) -> int:
+    """``workers``, or by default one decoding process per core, at most 8."""
+    return min(8, os.cpu_count() or 1) if workers is None else workers
+
+
+def run_chunks(
+    fn: Callable[..., Any],
+    calls: Sequence[tuple[Any, ...]],
+    sizes: Sequence[int],
+    workers: int,
+    inline: bool,
+    progress: Callable[[int], None] | None = None,
+) -> list[Any]:
+    """``fn(*args)`` for each ``args`` of ``calls``, the results in order: in this process when
+    ``inline`` (too little work to start a pool) or with one worker, else in a pool of
+    ``workers`` processes; ``progress(size)`` after each call (``sizes`` aligned with ``calls``).
+    """
+    results: list[Any] = []
+    if inline or workers <= 1:
+        for args, size in zip(calls, sizes, strict=True):
+            results.append(fn(*args))
+            if progress:
+                progress(size)
+        return results
+    # spawn, not fork: the caller may be a training process with threads (or CUDA) running
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *args) for args in calls]
+        for fut, size in zip(futures, sizes, strict=True):
+            results.append(fut.result())
+            if progress:
+                progress(size)
+    return results
+
+
+def add_cache_arguments(parser: Any) -> None:
+    """The options of the ``data`` commands that decode a whole tree: where the cache is, and
+    how many processes decode."""
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="as paths.cache_dir (default: $COVIDQU_CACHE, else ~/.cache/covidqu)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: up to 8)"
+    )
+
+
 def fingerprint(samples: Sequence[Sample], base: Path, kinds: Sequence[str], size: Any) -> str:
     """A hash of every file the samples are read from (name relative to ``base``, size,
     modification time in ns) and of what the packed pixels depend on besides."""
@@ -125,15 +187,7 @@ def fingerprint(samples: Sequence[Sample], base: Path, kinds: Sequence[str], siz
     h.update(json.dumps(head, sort_keys=True).encode())
     for s in sorted(samples, key=relative_key):
         for path in (s.image, *_mask_paths(s, kinds)):
-            try:
-                st = os.stat(path)
-            except OSError as err:
-                raise DataError(
-                    f"cannot read {path} while packing: {err.strerror or err}. Restore it, or "
-                    "remove the image with its masks, then pack again."
-                ) from err
-            rel = Path(path).relative_to(base).as_posix()
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(file_stamp(path, base, "while packing", "then pack again"))
     return h.hexdigest()
 
 
@@ -228,22 +282,10 @@ def _build(
                 for s in samples[i : i + CHUNK]
             ]
             tasks.append((str(tmp), split, kinds, hw, i, files))
-    problems: list[Problem] = []
     total = sum(len(s) for s in by_split.values())
-    if workers <= 1 or total < INLINE_BELOW:
-        for t in tasks:
-            problems += _pack_chunk(*t)
-            if progress:
-                progress(len(t[-1]))
-        return problems
-    # spawn, not fork: the caller may be a training process with threads (or CUDA) running
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_pack_chunk, *t) for t in tasks]
-        for t, fut in zip(tasks, futures, strict=True):
-            problems += fut.result()
-            if progress:
-                progress(len(t[-1]))
-    return problems
+    sizes = [len(t[-1]) for t in tasks]
+    done = run_chunks(_pack_chunk, tasks, sizes, workers, total < INLINE_BELOW, progress)
+    return [problem for chunk in done for problem in chunk]
 
 
 def _problem_report(subset: str, base: Path, root: Path, problems: list[Problem]) -> str:
@@ -327,7 +369,7 @@ def ensure_packed(
         log.info("packing %s (%d images) into %s, once", what, total, target)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=home))
         try:
-            n = min(8, os.cpu_count() or 1) if workers is None else workers
+            n = default_workers(workers)
             bar = progress(total=total) if progress else None
             try:
                 problems = _build(tmp, by_split, kinds, hw, base, n, bar.update if bar else None)
@@ -459,15 +501,7 @@ def add_arguments(parser: Any) -> None:
         default=None,
         help="which subset to pack (default: every subset found under ROOT)",
     )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="as paths.cache_dir (default: $COVIDQU_CACHE, else ~/.cache/covidqu)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="decoding processes (default: up to 8)"
-    )
+    add_cache_arguments(parser)
 
 
 def run(args: Any) -> int:
