@@ -152,17 +152,6 @@ def load_model(
     return ensemble_module(members, paths, key)
 
 
-def recipes_of(value: Any, key: str = "ckpt_path") -> list[dict[str, Any]]:
-    """The recipes of the checkpoints a config value names, read safely and checked against
-    each other (for the commands' up-front checks)."""
-    from covidqu.models.checkpoint import read_checkpoint
-
-    paths = checkpoint_paths(value, key)
-    recipes = [read_checkpoint(p, key)["covidqu"] for p in paths]
-    check_members(recipes, paths, key)
-    return recipes
-
-
 def describe(value: Any) -> dict[str, Any]:
     """What ``metrics.json`` says of the checkpoints: ``checkpoint`` (a path, or the list of an
     ensemble's) and, for a list, ``ensemble`` (how many members)."""
