@@ -39,7 +39,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from covidqu.data.datasets import finish_batch
-from covidqu.pipeline.training import build, instantiate_all
+from covidqu.train.run import build, instantiate_all
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

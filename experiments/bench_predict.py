@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from covidqu.models.checkpoint import load_module
-from covidqu.pipeline.prediction import predict, resolve_device
+from covidqu.predict.run import predict, resolve_device
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL = PROJECT_ROOT.parent / "shared" / "data" / "covidqu-real"

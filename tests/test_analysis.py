@@ -11,11 +11,12 @@ import pytest
 from omegaconf import OmegaConf
 from torch import nn
 
-from covidqu.analysis.severity import GRADES, check_cutoffs, grade, infected_share
+from covidqu.analyze import run as analysis
+from covidqu.analyze import stages as stage_lib
 from covidqu.models.metrics import SegmentationMetrics
 from covidqu.models.segmentation import SegmentationModule
-from covidqu.pipeline import analysis
-from covidqu.pipeline.training import train
+from covidqu.scoring.severity import GRADES, check_cutoffs, grade, infected_share
+from covidqu.train.run import train
 
 from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
 
@@ -77,31 +78,31 @@ def test_a_perfect_lung_model_and_a_known_infection_give_severity_and_grade(monk
     infection[2:8, 1:7] = 1.0  # 36 px: a quarter of the lung...
     infection[2:4, 9:12] = 1.0  # ...plus 6 px: 42 of 144 = 29.2 %
     infection[0, :] = 1.0  # above the lung: left out
-    stages = analysis.Stages(lung=_module("lung"), infection=_module("infection"))
+    stages = stage_lib.Stages(lung=_module("lung"), infection=_module("infection"))
     probs = {id(stages.lung): lung[None, None], id(stages.infection): infection[None, None]}
     monkeypatch.setattr(analysis, "probabilities", lambda module, images, device: probs[id(module)])
     image = np.zeros((16, 16), np.uint8)
-    ((pred_lung, pred_inf),) = analysis.segment(stages, [image], "cpu")
+    ((pred_lung, pred_inf),) = stage_lib.segment(stages, [image], "cpu")
     assert np.array_equal(pred_lung, lung > 0)
     assert np.array_equal(pred_inf, (infection > 0) & (lung > 0))
-    row = analysis.judge(pred_lung, pred_inf, CUTOFFS, threshold=30.0)
+    row = stage_lib.judge(pred_lung, pred_inf, CUTOFFS, threshold=30.0)
     assert row["severity_pct"] == pytest.approx(100 * 42 / 144)
     assert row["grade"] == "moderate"
     assert row["covid"] == 0 and row["covid_score"] == row["severity_pct"]  # below 30 %
-    assert analysis.judge(pred_lung, pred_inf, CUTOFFS, threshold=29.0)["covid"] == 1
+    assert stage_lib.judge(pred_lung, pred_inf, CUTOFFS, threshold=29.0)["covid"] == 1
 
 
 def test_one_multiclass_model_serves_both_stages(monkeypatch) -> None:
     both = _module("infection_multiclass")
-    stages = analysis.Stages(lung=both, infection=both)
+    stages = stage_lib.Stages(lung=both, infection=both)
     label = np.zeros((8, 8), np.int64)
     label[:, :4] = 1  # lung
     label[:2, :4] = 2  # infection, inside the lung
     probs = np.eye(3, dtype=np.float32)[label].transpose(2, 0, 1)[None]
     monkeypatch.setattr(analysis, "probabilities", lambda module, images, device: probs)
-    ((lung, infection),) = analysis.segment(stages, [np.zeros((8, 8), np.uint8)], "cpu")
+    ((lung, infection),) = stage_lib.segment(stages, [np.zeros((8, 8), np.uint8)], "cpu")
     assert lung.sum() == 32 and infection.sum() == 8  # the lung includes its infection
-    assert analysis.judge(lung, infection, CUTOFFS, 1.0)["severity_pct"] == pytest.approx(25.0)
+    assert stage_lib.judge(lung, infection, CUTOFFS, 1.0)["severity_pct"] == pytest.approx(25.0)
 
 
 # -- the command, on synthetic and real trees ------------------------------------------------
@@ -157,7 +158,7 @@ def test_analyze_images_writes_masks_overlays_and_rows(checkpoints, synth_root, 
 
 
 def test_scoring_test_uses_a_threshold_chosen_on_val(checkpoints, synth_root, tmp_path):
-    from covidqu.analysis.scoring import choose_threshold
+    from covidqu.scoring.detection import choose_threshold
 
     common = [
         f"lung_ckpt={checkpoints['lung']}",
@@ -220,9 +221,9 @@ def test_analyze_refuses_a_lung_checkpoint_for_the_infection(checkpoints, tmp_pa
         {"lung_ckpt": None, "infection_ckpt": str(checkpoints["lung"]), "device": "cpu"}
     )
     with pytest.raises(ValueError, match=r"infection_ckpt=.*task=infection"):
-        analysis.load_stages(str(checkpoints["lung"]), cfg.infection_ckpt, "cpu")
+        stage_lib.load_stages(str(checkpoints["lung"]), cfg.infection_ckpt, "cpu")
     with pytest.raises(ValueError, match=r"without lung_ckpt.*lung_ckpt=LUNG\.ckpt"):
-        analysis.load_stages(None, str(checkpoints["infection"]), "cpu")
+        stage_lib.load_stages(None, str(checkpoints["infection"]), "cpu")
 
 
 def test_one_infection_multiclass_checkpoint_serves_both_stages(synth_root, tmp_path):

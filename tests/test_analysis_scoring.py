@@ -10,19 +10,16 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from covidqu.analysis import scoring
-from covidqu.analysis.scoring import (
+from covidqu.scoring import detection
+from covidqu.scoring.detection import (
     DETECTION_KEYS,
-    _auroc,
-    _confusion_counts,
-    _operating_points,
     choose_threshold,
     detection_metrics,
-    plot_grade_confusion,
-    plot_roc,
-    plot_severity,
-    severity_metrics,
+    operating_points,
+    weighted_auroc,
 )
+from covidqu.scoring.plots import plot_grade_confusion, plot_roc, plot_severity
+from covidqu.scoring.severity import confusion_counts, severity_metrics
 
 approx = pytest.approx
 
@@ -45,7 +42,7 @@ def test_operating_points_by_hand() -> None:
     #   t    0  1  2  5  6  9  10 (= max + 1: call nothing)
     #   tp   3  3  3  2  2  1  0
     #   tn   0  1  2  2  3  3  3
-    thr, tp, tn = _operating_points(np.array(SCORES, float), np.array(TRUTH) == 1)
+    thr, tp, tn = operating_points(np.array(SCORES, float), np.array(TRUTH) == 1)
     assert thr.tolist() == [0, 1, 2, 5, 6, 9, 10]
     assert tp.tolist() == [3, 3, 3, 2, 2, 1, 0]
     assert tn.tolist() == [0, 1, 2, 2, 3, 3, 3]
@@ -123,7 +120,7 @@ def test_weighted_auroc_matches_torchmetrics_on_repeated_images() -> None:
     scores = rng.integers(0, 8, n) / 8.0
     truth = rng.integers(0, 2, n) == 1
     weights = rng.integers(0, 4, size=(5, n)).astype(float)
-    got = _auroc(weights, scores, truth)
+    got = weighted_auroc(weights, scores, truth)
     for r in range(5):
         reps = weights[r].astype(int)
         s = torch.from_numpy(np.repeat(scores, reps))
@@ -184,7 +181,7 @@ def test_bootstrap_does_not_depend_on_block_size(monkeypatch: pytest.MonkeyPatch
     # Resamples are drawn in blocks to bound memory; the blocks must not change the draws.
     scores, truth = _mixed(n=60)
     whole = detection_metrics(scores, truth, 0.75, n_boot=200, seed=3)
-    monkeypatch.setattr(scoring, "_BOOT_CHUNK", 7 * 60)
+    monkeypatch.setattr(detection, "_BOOT_CHUNK", 7 * 60)
     assert detection_metrics(scores, truth, 0.75, n_boot=200, seed=3) == whole
 
 
@@ -273,7 +270,7 @@ def test_grade_kappa_constant_grades() -> None:
 def test_grade_confusion_rows_are_truth() -> None:
     pred = np.array([THREE.index(g) for g in KAPPA_PRED])
     true = np.array([THREE.index(g) for g in KAPPA_TRUE])
-    assert _confusion_counts(pred, true, 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert confusion_counts(pred, true, 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
 
 
 @pytest.mark.parametrize(

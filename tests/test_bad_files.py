@@ -16,8 +16,8 @@ import torch
 from covidqu.data.badfiles import BadFileError
 from covidqu.data.datamodule import LungDataModule
 from covidqu.errors import ConfigError, DataError
-from covidqu.pipeline.evaluation import evaluate
-from covidqu.pipeline.training import train
+from covidqu.eval.run import evaluate
+from covidqu.train.run import train
 
 from pipeline_helpers import TINY, compose_config, read_metrics, run_module
 

@@ -223,7 +223,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def _train(root: Path, out: Path, *extra: str) -> Path:
-    from covidqu.pipeline.training import train
+    from covidqu.train.run import train
 
     train(compose_config("train", [*QUICK, f"data.root={root}", *extra], out))
     GlobalHydra.instance().clear()

@@ -23,7 +23,7 @@ from covidqu.data.datasets import DEFAULT_MEAN as MEAN
 from covidqu.data.datasets import DEFAULT_STD as STD
 from covidqu.data.device_augment import BatchAugment
 from covidqu.errors import ConfigError, RunInterrupted
-from covidqu.pipeline.training import train
+from covidqu.train.run import train
 
 from pipeline_helpers import CONF, TINY, compose_config
 

@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
+from covidqu.analyze import run as analysis
+from covidqu.analyze.run import analyze
 from covidqu.errors import ConfigError
-from covidqu.pipeline import analysis
-from covidqu.pipeline.analysis import analyze
-from covidqu.pipeline.evaluation import evaluate
-from covidqu.pipeline.training import train
+from covidqu.eval.run import evaluate
+from covidqu.train.run import train
 
 from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
 

@@ -20,17 +20,18 @@ import numpy as np
 import pytest
 import torch
 
+from covidqu.analyze import run as analysis
 from covidqu.data.transforms import build_transform
 from covidqu.errors import CheckpointError, ConfigError
+from covidqu.eval.run import datamodule_for, evaluate
 from covidqu.models import calibration
 from covidqu.models.checkpoint import load_module
 from covidqu.models.ensemble import load_model
 from covidqu.models.metrics import ClassificationMetrics
-from covidqu.pipeline import analysis
-from covidqu.pipeline.evaluation import datamodule_for, evaluate
-from covidqu.pipeline.prediction import predict, prepare
-from covidqu.pipeline.preflight import preflight
-from covidqu.pipeline.training import build
+from covidqu.predict.run import predict, prepare
+from covidqu.runtime.checks import preflight
+from covidqu.scoring.calibration import binary_ece, ece
+from covidqu.train.run import build
 
 from pipeline_helpers import TINY, compose_config, read_csv, read_metrics
 
@@ -184,7 +185,7 @@ def test_analyze_takes_lists_and_reports_detection_ece(
     metrics, rows = read_metrics(tmp_path), read_csv(tmp_path / "analysis.csv")
     scores = [float(r["covid_score"]) / 100 for r in rows]
     truth = [int(r["true_covid"]) for r in rows]
-    assert metrics["detect/ece"] == pytest.approx(calibration.binary_ece(scores, truth), abs=1e-6)
+    assert metrics["detect/ece"] == pytest.approx(binary_ece(scores, truth), abs=1e-6)
     assert (tmp_path / "reliability.png").is_file()
 
 
@@ -196,12 +197,12 @@ def test_ece_matches_a_hand_computation() -> None:
     probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.55, 0.45]])
     truth = torch.tensor([0, 1, 1, 0])
     by_hand = 2 / 4 * abs(0.9 - 0.5) + 2 / 4 * abs((0.6 + 0.55) / 2 - 1.0)
-    assert calibration.ece(probs, truth) == pytest.approx(by_hand, abs=1e-6)
+    assert ece(probs, truth) == pytest.approx(by_hand, abs=1e-6)
     metric = ClassificationMetrics(num_classes=2)
     metric.update(probs.log(), truth)  # softmax(log p) = p
     assert float(metric.compute()["ece"]) == pytest.approx(by_hand, abs=1e-6)
     # binary: each bin's mean probability against its share of positives
-    assert calibration.binary_ece([0.9, 0.9, 0.2, 0.0], [1, 0, 0, 0]) == pytest.approx(
+    assert binary_ece([0.9, 0.9, 0.2, 0.0], [1, 0, 0, 0]) == pytest.approx(
         2 / 4 * abs(0.9 - 0.5) + 1 / 4 * 0.2 + 1 / 4 * 0.0, abs=1e-6
     )
 

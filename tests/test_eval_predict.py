@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from covidqu.eval.run import evaluate
 from covidqu.models.checkpoint import CheckpointError, load_module
-from covidqu.pipeline.evaluation import evaluate
-from covidqu.pipeline.prediction import predict
-from covidqu.pipeline.training import train
+from covidqu.predict.run import predict
+from covidqu.train.run import train
 
 from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
 
@@ -210,9 +210,7 @@ def test_predict_leaves_a_probability_at_the_threshold_out(
             "preprocess": {"image_size": 32, "mean": 0.449, "std": 0.226},
         },
     ).eval()
-    monkeypatch.setattr(
-        "covidqu.pipeline.prediction.load_model", lambda path, map_location="cpu": module
-    )
+    monkeypatch.setattr("covidqu.predict.run.load_model", lambda path, map_location="cpu": module)
     cv2.imwrite(str(tmp_path / "cxr.png"), np.full((40, 48), 120, np.uint8))
     rows = predict(tmp_path / "model.ckpt", tmp_path / "cxr.png", tmp_path / "out")
     mask = cv2.imread(str(tmp_path / "out" / "cxr_mask.png"), cv2.IMREAD_UNCHANGED)

@@ -7,6 +7,7 @@ preprocessing and class names as metadata; bad arguments get a clear error and w
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import zipfile
@@ -20,9 +21,11 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from covidqu.constants import CLASSES
+from covidqu.errors import UserError
+from covidqu.export import formats
+from covidqu.export import run as export_lib
 from covidqu.models.checkpoint import load_module, preprocessing
-from covidqu.pipeline import export as export_lib
-from covidqu.pipeline.training import train
+from covidqu.train.run import train
 
 from pipeline_helpers import CONF, QUICK, compose_config
 
@@ -72,9 +75,9 @@ def _onnx_runner(path: Path):
 
 
 def _torchscript_runner(path: Path):
-    extra = {export_lib.METADATA_NAME: ""}
+    extra = {formats.METADATA_NAME: ""}
     loaded = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    meta = {export_lib.METADATA_NAME: extra[export_lib.METADATA_NAME]}
+    meta = {formats.METADATA_NAME: extra[formats.METADATA_NAME]}
 
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
@@ -119,8 +122,8 @@ def test_export_reproduces_the_checkpoint_and_carries_its_preprocessing(
     if input_shape is not None:  # ONNX declares the batch free and the image size fixed
         assert not isinstance(input_shape[0], int) and input_shape[1:] == [1, side, side]
 
-    meta = json.loads(props[export_lib.METADATA_NAME])
-    assert meta == export_lib.read_metadata(output)
+    meta = json.loads(props[formats.METADATA_NAME])
+    assert meta == formats.read_metadata(output)
     assert meta["preprocessing"]["image_size"] == [side, side]
     assert meta["preprocessing"]["mean"] == pytest.approx(pre["mean"])
     assert meta["preprocessing"]["std"] == pytest.approx(pre["std"])
@@ -188,9 +191,9 @@ def test_bad_arguments_get_a_clear_error(checkpoints, args, names, tmp_path, cap
 def test_onnx_without_its_libraries_says_how_to_install_them(
     checkpoints, tmp_path, capfd, monkeypatch
 ):
-    real = export_lib.importlib.util.find_spec
+    real = importlib.util.find_spec
     monkeypatch.setattr(
-        export_lib.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "onnx" else real(name, *a),
     )
@@ -204,7 +207,7 @@ def test_onnx_without_its_libraries_says_how_to_install_them(
     assert "onnx" in err and "pip install -e '.[export]'" in err
     assert not output.exists()
     # the library refuses it too, for callers without the preflight callback
-    with pytest.raises(export_lib.UserError, match=r"pip install -e '\.\[export\]'"):
+    with pytest.raises(UserError, match=r"pip install -e '\.\[export\]'"):
         export_lib.export(checkpoints["lung"], output, "onnx")
 
 
@@ -217,7 +220,7 @@ def test_a_failed_export_leaves_an_earlier_file_as_it_was(checkpoints, tmp_path,
         raise RuntimeError("the exporter failed")
 
     monkeypatch.setitem(
-        export_lib.EXPORTERS, "torchscript", (broken, export_lib.EXPORTERS["torchscript"][1])
+        formats.EXPORTERS, "torchscript", (broken, formats.EXPORTERS["torchscript"][1])
     )
     with pytest.raises(RuntimeError, match="the exporter failed"):
         export_lib.export(checkpoints["lung"], output, "torchscript")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from covidqu.data.synth import ensure_synthetic
-from covidqu.pipeline.training import train
+from covidqu.train.run import train
 
 from pipeline_helpers import TINY, compose_config, read_metrics, run_module
 

@@ -16,18 +16,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from covidqu.analyze.run import ANALYSIS_FILE, analyze
 from covidqu.errors import ConfigError
-from covidqu.models.calibration import binary_ece
+from covidqu.eval.run import evaluate
+from covidqu.export.run import export
 from covidqu.models.checkpoint import load_module
 from covidqu.models.ensemble import load_model
 from covidqu.models.multitask import MultitaskModule, check_loss_weights
-from covidqu.pipeline.analysis import ANALYSIS_FILE, analyze
-from covidqu.pipeline.config import check_config
-from covidqu.pipeline.evaluation import evaluate
-from covidqu.pipeline.export import export
-from covidqu.pipeline.prediction import predict, probabilities
-from covidqu.pipeline.preflight import check_values, preflight
-from covidqu.pipeline.training import build, train
+from covidqu.predict.run import predict
+from covidqu.runtime.checks import check_values, preflight
+from covidqu.runtime.inputs import probabilities
+from covidqu.scoring.calibration import binary_ece
+from covidqu.train.checks import check_config
+from covidqu.train.run import build, train
 
 from pipeline_helpers import TINY, compose_config, read_csv, read_metrics
 

@@ -283,8 +283,8 @@ def test_pack_command(synth_copy, tmp_path):
 def test_training_and_evaluation_read_the_packed_cache(synth_root, tmp_path, monkeypatch):
     """A run with data.cache=packed packs once (prepare_data) and trains on it; eval with the
     same cache reads the same arrays and scores the test split as training did."""
-    from covidqu.pipeline.evaluation import evaluate
-    from covidqu.pipeline.training import train
+    from covidqu.eval.run import evaluate
+    from covidqu.train.run import train
 
     from pipeline_helpers import TINY, compose_config, read_metrics
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from covidqu.pipeline import prediction
-from covidqu.pipeline.prediction import predict
+from covidqu.predict import run as prediction
+from covidqu.predict.run import predict
+from covidqu.runtime import inputs
 
 from pipeline_helpers import read_csv
 
@@ -69,7 +70,7 @@ def test_memory_holds_a_few_batches_not_every_file(module, tmp_path, monkeypatch
     files = _images(tmp_path / "in", 4 * BATCH)
     alive: list[weakref.ref] = []
     most = 0
-    decode = prediction.read_image
+    decode = inputs.read_image
 
     def counting(path):
         nonlocal most
@@ -78,7 +79,7 @@ def test_memory_holds_a_few_batches_not_every_file(module, tmp_path, monkeypatch
         most = max(most, sum(ref() is not None for ref in alive))
         return image
 
-    monkeypatch.setattr(prediction, "read_image", counting)
+    monkeypatch.setattr(inputs, "read_image", counting)
     rows = predict("model.ckpt", tmp_path / "in", tmp_path / "out", batch_size=BATCH)
     assert len(alive) == len(files)  # each file decoded once (no separate up-front pass)
     assert [r["status"] for r in rows] == ["ok"] * len(files)

@@ -11,8 +11,9 @@ from covidqu.errors import ConfigError, DataError, UserError
 from covidqu.models import weights as weights_mod
 from covidqu.models.networks import build_segmentation_model, check_input_size
 from covidqu.models.weights import WeightsUnavailableError
-from covidqu.pipeline import training
-from covidqu.pipeline.preflight import check_resume, check_values
+from covidqu.runtime.checks import check_values
+from covidqu.train import run as training
+from covidqu.train.checks import check_resume
 from tests.pipeline_helpers import TINY, compose_config
 
 

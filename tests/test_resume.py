@@ -24,7 +24,7 @@ import torch
 from covidqu.data.datamodule import LungDataModule
 from covidqu.data.loading import EpochSampler
 from covidqu.errors import RunInterrupted
-from covidqu.pipeline.training import train
+from covidqu.train.run import train
 
 from pipeline_helpers import PROJECT_ROOT, TINY, compose_config, read_csv, read_metrics
 

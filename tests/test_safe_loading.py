@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 import torch
 
+from covidqu.analyze.run import analyze
 from covidqu.errors import CheckpointError
+from covidqu.eval.run import evaluate
 from covidqu.models.checkpoint import load_module
 from covidqu.models.networks import build_classifier
-from covidqu.pipeline.analysis import analyze
-from covidqu.pipeline.cli import reports_errors, user_error
-from covidqu.pipeline.evaluation import evaluate
-from covidqu.pipeline.prediction import predict
-from covidqu.pipeline.training import train
+from covidqu.predict.run import predict
+from covidqu.runtime.cli import reports_errors, user_error
+from covidqu.train.run import train
 
 from pipeline_helpers import CONF, TINY, compose_config, run_module
 

@@ -58,12 +58,17 @@ def test_inspect_imports_no_torch(synth_root: Path):
 
 def test_library_modules_import_heavy_libraries_only_on_use():
     modules = [
-        "covidqu.pipeline.training",
-        "covidqu.pipeline.evaluation",
-        "covidqu.pipeline.prediction",
-        "covidqu.pipeline.export",
-        "covidqu.pipeline.analysis",
-        "covidqu.pipeline.preflight",
+        "covidqu.train.run",
+        "covidqu.eval.run",
+        "covidqu.predict.run",
+        "covidqu.export.run",
+        "covidqu.analyze.run",
+        "covidqu.runtime.checks",
+        "covidqu.runtime.inputs",
+        *(f"covidqu.{command}.checks" for command in ("train", "eval", "predict", "analyze")),
+        "covidqu.export.checks",
+        "covidqu.scoring.plots",
+        "covidqu.scoring.calibration",
         "covidqu.data.datasets",
         "covidqu.data.transforms",
     ]

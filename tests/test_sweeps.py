@@ -87,7 +87,7 @@ def test_report_ranks_runs_by_their_monitor_mode(
     tmp_path, capsys: pytest.CaptureFixture, monitor: str, mode: str, order: list[str]
 ):
     """A minimised monitor (a loss, an error) ranks the smallest value first."""
-    from covidqu.pipeline.report import find_runs, sort_runs
+    from covidqu.report.run import find_runs, sort_runs
 
     out = tmp_path / "sweep"
     figures = {  # the loss and the Dice disagree, so each mode gives its own order

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from covidqu.pipeline.config import ConfigError
-from covidqu.pipeline.training import train
+from covidqu.errors import ConfigError
+from covidqu.train.run import train
 
 from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
 
@@ -116,8 +116,8 @@ def _test_figures(ckpt: Path, root: Path) -> dict[str, float]:
     """Test figures of one checkpoint, scored on its own as ``covidqu.eval`` scores it."""
     import pytorch_lightning as pl
 
+    from covidqu.eval.run import datamodule_for
     from covidqu.models.checkpoint import load_module, preprocessing
-    from covidqu.pipeline.evaluation import datamodule_for
 
     module = load_module(ckpt)
     dm = datamodule_for(preprocessing(module), root, batch_size=4, num_workers=0)
@@ -246,7 +246,7 @@ def test_the_entry_point_runs_a_sweep_member_and_returns(synth_root, tmp_path):
     sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")),
 )
 def test_every_experiment_composes_and_passes_the_checks(name, tmp_path):
-    from covidqu.pipeline.config import check_config
+    from covidqu.train.checks import check_config
 
     cfg = compose_config("train", [f"experiment={name}"], tmp_path)
     check_config(cfg)

@@ -13,17 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidqu.analyze import run as analysis
+from covidqu.analyze import stages as stage_lib
 from covidqu.data.transforms import build_transform
 from covidqu.errors import ConfigError
+from covidqu.eval.run import datamodule_for, evaluate
 from covidqu.models.checkpoint import load_module
 from covidqu.models.metrics import SegmentationMetrics
 from covidqu.models.segmentation import SegmentationModule
 from covidqu.models.tta import scaled_side, tta_probabilities
-from covidqu.pipeline import analysis
-from covidqu.pipeline.evaluation import datamodule_for, evaluate
-from covidqu.pipeline.prediction import predict, prepare
-from covidqu.pipeline.preflight import check_values
-from covidqu.pipeline.training import train
+from covidqu.predict.run import predict, prepare
+from covidqu.runtime.checks import check_values
+from covidqu.train.run import train
 
 from pipeline_helpers import TINY, compose_config, read_csv, read_metrics
 
@@ -226,9 +227,7 @@ def test_eval_with_flip_scores_the_mirror_mean(lung_ckpt: Path, synth_root: Path
 
 def test_predict_with_flip_writes_masks_of_the_averaged_probabilities(tmp_path, monkeypatch):
     module = _segmentation_module()
-    monkeypatch.setattr(
-        "covidqu.pipeline.prediction.load_model", lambda path, map_location="cpu": module
-    )
+    monkeypatch.setattr("covidqu.predict.run.load_model", lambda path, map_location="cpu": module)
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.integers(0, 256, (40, 48), dtype=np.uint8), (5, 5), 0)
     cv2.imwrite(str(tmp_path / "cxr.png"), image)
@@ -274,8 +273,8 @@ def test_analyze_with_flip_records_it_and_segments_the_mirror_mean(
     image = np.asarray(_image((40, 48)).sigmoid() * 255, dtype=np.uint8)
     lung_module, infection_module = stages["lung_ckpt"], stages["infection_ckpt"]
     lung_module.tta = infection_module.tta = "flip"
-    both = analysis.Stages(lung=lung_module, infection=infection_module)
-    ((lung, _),) = analysis.segment(both, [image], "cpu")
+    both = stage_lib.Stages(lung=lung_module, infection=infection_module)
+    ((lung, _),) = stage_lib.segment(both, [image], "cpu")
     with torch.no_grad():
         x = prepare(image, build_transform(32), 0.449, 0.226)[None]
         probs = _mirror_mean(_sigmoid(lung_module.net), x)[0, 0].numpy()

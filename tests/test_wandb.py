@@ -22,8 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 from covidqu.constants import CLASSES
-from covidqu.pipeline import loggers as wb
-from covidqu.pipeline.callbacks import WandbMedia
+from covidqu.runtime import loggers as wb
+from covidqu.runtime.callbacks import WandbMedia
 
 from pipeline_helpers import TINY, read_csv, run_module
 

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from covidqu.analysis.severity import infected_share
 from covidqu.constants import CLASSES, TARGETS
 from covidqu.models.base import CXRModule
 from covidqu.models.figures import denormalise, segmentation_panel, tint
 from covidqu.models.metrics import default_class_names, per_image_scores
+from covidqu.scoring.severity import infected_share
 
 
 class SegmentationModule(CXRModule):

@@ -1,6 +1,0 @@
-"""Detect, localise and quantify COVID-19 from lung and infection segmentation together.
-
-:mod:`~covidqu.analysis.severity` turns a lung and an infection mask into the infected share of
-the lung and a grade; :mod:`~covidqu.analysis.scoring` scores detection and severity against the
-ground truth.
-"""

@@ -1,0 +1,38 @@
+"""What ``eval`` checks before it loads a model: its values, the checkpoint(s) it names, that
+``calibrate=true`` can apply to them, the output folder, and the split in the data tree."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from covidqu.runtime.checks import (
+    check_checkpoints,
+    check_output_dir,
+    check_values,
+    refuse_empty_lists,
+    require,
+)
+from covidqu.runtime.cli import user_errors
+
+USAGE = "python -m covidqu.eval ckpt_path=RUN/checkpoints/best.ckpt"
+
+
+def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] = ()) -> None:
+    """``eval``'s checks (see the module docstring)."""
+    check_values(cfg, "eval")
+    refuse_empty_lists(cfg, "ckpt_path")
+    require(cfg, ["ckpt_path"], USAGE)
+    recipe = check_checkpoints(cfg.ckpt_path, "ckpt_path")
+    if cfg.get("calibrate"):
+        from covidqu.eval.calibrate import check_calibrate
+
+        check_calibrate(cfg.ckpt_path)
+    check_output_dir(out_dir, "hydra.run.dir")
+    from covidqu.eval.run import datamodule_for
+
+    with user_errors():
+        datamodule = datamodule_for(recipe["preprocess"], cfg.data.get("root"))
+    datamodule.split_samples(cfg.split)  # the tree, and the split in it

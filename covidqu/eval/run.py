@@ -1,0 +1,167 @@
+"""Evaluating a checkpoint on a split: what ``python -m covidqu.eval`` runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from covidqu.eval.calibrate import calibrate, check_calibrate, device_of
+from covidqu.eval.checks import USAGE
+from covidqu.models.checkpoint import preprocessing
+from covidqu.models.ensemble import (
+    checkpoint_paths,
+    describe,
+    is_ensemble,
+    load_model,
+    temperatures,
+)
+from covidqu.models.tta import check_tta
+from covidqu.runtime import outputs
+from covidqu.runtime.distributed import evaluation_trainer, job_scope
+from covidqu.scoring.calibration import plot_reliability
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("test", "val", "train")
+#: The reliability diagram eval draws where the task gives confidences (classification).
+RELIABILITY_FILE = "reliability.png"
+
+
+def datamodule_for(
+    recipe_pre: dict[str, Any],
+    root: str | os.PathLike[str] | None,
+    batch_size: int = 32,
+    num_workers: int = 4,
+    limit_per_class: Any = None,
+    on_bad_file: str = "error",
+    cache: str = "none",
+    cache_dir: str | None = None,
+    normalise: str = "loader",
+) -> pl.LightningDataModule:
+    """The DataModule a checkpoint was trained with, on ``root`` (else its training root).
+
+    Size, normalisation and target come from the checkpoint; only where the data is and how
+    it is loaded come from the caller.
+    """
+    root = root or os.environ.get("COVIDQU_ROOT") or recipe_pre.get("data_root")
+    cls = get_class(recipe_pre["datamodule"])
+    return cls(
+        root=root,
+        target=recipe_pre["target"],
+        image_size=recipe_pre["image_size"],
+        mean=recipe_pre["mean"],
+        std=recipe_pre["std"],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        limit_per_class=limit_per_class,
+        augment=None,
+        on_bad_file=on_bad_file,
+        cache=cache,
+        cache_dir=cache_dir,
+        normalise=normalise,
+    )
+
+
+class SplitAsTest(pl.LightningDataModule):
+    """Serve any split of a DataModule as the test split of ``trainer.test``.
+
+    The loader is built when the Trainer asks for it, once the DDP processes exist, so the
+    DataModule shards it without repeats (:func:`covidqu.data.datamodule._eval_sampler`); a
+    loader built beforehand would get Lightning's padding DistributedSampler instead.
+    """
+
+    def __init__(self, datamodule: Any, split: str) -> None:
+        super().__init__()
+        self.datamodule = datamodule
+        self.split = split
+
+    def test_dataloader(self) -> Any:
+        return self.datamodule.dataloader(self.split)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this wrapper's hook, not the DataModule's: data.normalise=device
+        # batches are made float there.
+        return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Score ``cfg.ckpt_path`` on ``cfg.split``; write metrics.json, per_image.csv, overlays.
+
+    On several processes (``trainer=ddp_cpu``) each evaluates its shard of the split; the
+    figures and rows are those of one process, written once, by the first.
+    """
+    if is_ensemble(cfg.get("ckpt_path")):
+        checkpoint_paths(cfg.ckpt_path)  # an empty list: refused as such
+    if not cfg.get("ckpt_path"):
+        raise ValueError(f"ckpt_path is required: {USAGE}")
+    split = cfg.get("split", "test")
+    if split not in SPLITS:
+        raise ValueError(f"split={split} is not one of {SPLITS}")
+    check_tta(cfg.get("tta", "none"))
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with job_scope():
+        return _evaluate(cfg, split, out_dir)
+
+
+def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
+    tta = cfg.get("tta", "none")
+    if cfg.get("calibrate"):
+        check_calibrate(cfg.ckpt_path)
+    module = load_model(cfg.ckpt_path)
+    pre = preprocessing(module)
+    datamodule = datamodule_for(
+        pre,
+        cfg.data.get("root"),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        limit_per_class=cfg.data.get("limit_per_class"),
+        on_bad_file=cfg.data.get("on_bad_file", "error"),
+        cache=cfg.data.get("cache", "none"),
+        cache_dir=cfg.data.get("cache_dir"),
+        normalise=cfg.data.get("normalise", "loader"),
+    )
+    fitted: dict[str, Any] = {}
+    if cfg.get("calibrate"):
+        fitted = calibrate(module, datamodule, cfg.ckpt_path, device_of(cfg.trainer))
+        if split == "val":
+            log.warning("calibrate=true split=val: the temperature was fitted on the split scored")
+    module.tta = tta  # every figure, row and overlay of the test step is of the TTA mean
+    datamodule.setup({"test": "test", "val": "validate", "train": "fit"}[split])
+    module.keep_overlays = int(cfg.get("num_overlays", 0))
+
+    trainer = evaluation_trainer(cfg.trainer)
+    results = trainer.test(module, datamodule=SplitAsTest(datamodule, split), verbose=False)
+    figures = outputs.clean_figures(results[0] if results else {})
+    metrics: dict[str, Any] = {f"{split}/{k.split('/', 1)[1]}": v for k, v in figures.items()}
+    metrics["monitor"] = module.recipe.get("task", {}).get("monitor")
+    metrics.update(describe(cfg.ckpt_path))
+    metrics["split"] = split
+    metrics["tta"] = tta
+    metrics["temperature"] = temperatures(module)
+    metrics.update(fitted)
+    metrics["images"] = len(module.test_records)
+    metrics["world_size"] = int(trainer.world_size)
+    metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
+    outputs.write_metrics(out_dir, metrics)
+    outputs.write_test_outputs(module, out_dir)
+    reliability = module.test_reliability()
+    if reliability is not None and trainer.is_global_zero:
+        plot_reliability(
+            *reliability, out_dir / RELIABILITY_FILE, title=f"{split} split, tta={tta}"
+        )
+    if trainer.is_global_zero:
+        log.info(
+            "evaluated %d %s images (tta=%s); outputs in %s",
+            len(module.test_records),
+            split,
+            tta,
+            out_dir,
+        )
+    return metrics

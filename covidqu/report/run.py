@@ -1,0 +1,271 @@
+"""Comparing runs without W&B: every run under a folder, as one table.
+
+A run is a folder with Hydra's ``.hydra/config.yaml`` (single runs, and each job of a basic,
+Optuna or submitit sweep). Its status comes from the files it left: ``metrics.json`` (completed),
+``failure.txt`` (failed) or neither (running, or killed without a word).
+
+Runs of a k-fold sweep (``data.num_folds``) that differ only in ``data.fold`` are one experiment:
+each fold keeps its row, and two rows more give the mean and the standard deviation across the
+folds of every figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from covidqu.runtime.config import split_override
+from covidqu.runtime.outputs import FAILURE_FILE, METRICS_FILE
+
+REPORT_CSV = "report.csv"
+REPORT_MD = "report.md"
+#: Overrides that differ between runs but say nothing about the experiment.
+_IGNORED_KEYS = ("hydra.", "paths.output_dir")
+
+
+@dataclass
+class Run:
+    """One run folder and what it left."""
+
+    path: Path
+    status: str
+    overrides: dict[str, str]
+    figures: dict[str, float] = field(default_factory=dict)
+    monitor: str | None = None
+    mode: str = "max"
+    epochs: int | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    num_folds: int | None = None
+    fold: int | None = None
+
+    @property
+    def score(self) -> float | None:
+        value = self.figures.get(self.monitor) if self.monitor else None
+        return None if value is None or math.isnan(value) else value
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _is_number_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _failure(path: Path) -> tuple[str | None, float | None]:
+    text = path.read_text(errors="replace")
+    error = re.search(r"^error: (.*)$", text, re.MULTILINE)
+    duration = re.search(r"^duration_s: ([0-9.]+)$", text, re.MULTILINE)
+    return (error.group(1) if error else None, float(duration.group(1)) if duration else None)
+
+
+def read_run(folder: Path) -> Run:
+    """What ``folder`` (a run folder) holds."""
+    overrides = _load_yaml(folder / ".hydra" / "overrides.yaml") or []
+    config = _load_yaml(folder / ".hydra" / "config.yaml") or {}
+    task = config.get("task") or {}
+    run = Run(
+        path=folder,
+        status="incomplete",
+        overrides=dict(split_override(str(o)) for o in overrides),
+        monitor=task.get("monitor"),
+        mode=task.get("monitor_mode", "max"),
+    )
+    metrics_file, failure_file = folder / METRICS_FILE, folder / FAILURE_FILE
+    newest = max(
+        (p for p in (metrics_file, failure_file) if p.is_file()),
+        key=lambda p: p.stat().st_mtime,
+        default=None,
+    )
+    if newest == metrics_file:
+        data = json.loads(metrics_file.read_text())
+        run.status = "completed"
+        run.figures = {
+            k: float(v) if v is not None else math.nan
+            for k, v in data.items()
+            if k.startswith(("train/", "val/", "test/")) and _is_number_or_null(v)
+        }
+        run.monitor = data.get("monitor", run.monitor)
+        run.epochs = data.get("epochs")
+        run.duration_s = data.get("duration_s")
+        run.num_folds, run.fold = data.get("num_folds"), data.get("fold")
+    elif newest == failure_file:
+        run.status = "failed"
+        run.error, run.duration_s = _failure(failure_file)
+    return run
+
+
+def find_runs(root: str | Path) -> list[Run]:
+    """Every run folder at or under ``root``."""
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} is not a folder of runs")
+    folders = sorted({p.parent.parent for p in base.rglob(".hydra/config.yaml")})
+    return [read_run(f) for f in folders]
+
+
+def distinguishing(runs: Sequence[Run]) -> list[str]:
+    """Override keys whose values differ between runs (or that some runs lack)."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.overrides if k not in keys]
+    keys = [k for k in keys if not k.startswith(_IGNORED_KEYS)]
+    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+
+
+def sort_runs(runs: Sequence[Run]) -> list[Run]:
+    """Best first by each run's monitored metric; runs without a score last."""
+
+    def key(run: Run) -> tuple[int, float]:
+        s = run.score
+        if s is None:
+            return (1, 0.0)
+        return (0, -s if run.mode == "max" else s)
+
+    return sorted(runs, key=key)
+
+
+#: The status of the rows of the mean and standard deviation across folds (not runs themselves).
+SUMMARY = "summary"
+#: The override that picks a fold: runs that differ only in it are folds of one experiment.
+FOLD_KEY = "data.fold"
+
+
+def rows(runs: Sequence[Run], root: Path) -> list[dict[str, Any]]:
+    """One flat row per run: folder, distinguishing overrides, status, figures; then, for runs
+    that differ only in ``data.fold``, a row of the mean and one of the standard deviation."""
+    folded = any(r.fold is not None for r in runs)
+    keys = [k for k in distinguishing(runs) if not (folded and k == FOLD_KEY)]
+    stage_order = {"val": 0, "test": 1}
+    figure_keys = sorted(
+        {k for r in runs for k in r.figures if k.split("/")[0] in stage_order},
+        key=lambda k: (stage_order[k.split("/")[0]], k),
+    )
+    out = []
+    for run in sort_runs(runs):
+        row: dict[str, Any] = {"run": run.path.relative_to(root).as_posix() or "."}
+        row.update({k: run.overrides.get(k, "") for k in keys})
+        if folded:
+            row["fold"] = run.fold
+        row["status"] = run.status
+        row["monitor"] = run.monitor or ""
+        row.update({k: run.figures.get(k) for k in figure_keys})
+        row["epochs"] = run.epochs
+        row["duration_s"] = None if run.duration_s is None else round(float(run.duration_s), 1)
+        if run.error:
+            row["error"] = run.error
+        out.append(row)
+    if folded:
+        out += fold_summaries(runs, keys, figure_keys)
+    return out
+
+
+def fold_summaries(
+    runs: Sequence[Run], keys: Sequence[str], figure_keys: Sequence[str]
+) -> list[dict[str, Any]]:
+    """For each set of completed fold runs alike but for ``data.fold`` (two or more), a row of
+    the mean and a row of the sample standard deviation (n - 1) of each figure across them."""
+    sets: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.status == "completed" and run.fold is not None:
+            alike = (run.num_folds, *(run.overrides.get(k, "") for k in keys))
+            sets.setdefault(alike, []).append(run)
+    out = []
+    for alike, members in sets.items():
+        if len({r.fold for r in members}) < 2:
+            continue
+        n = len(members)
+        for stat in ("mean", "std"):
+            row: dict[str, Any] = {"run": f"{stat} of {n} folds (of {alike[0]})"}
+            row.update(dict(zip(keys, alike[1:], strict=True)))
+            row["fold"] = stat
+            row["status"] = SUMMARY
+            row["monitor"] = members[0].monitor or ""
+            for k in figure_keys:
+                values = [r.figures[k] for r in members if k in r.figures]
+                values = [v for v in values if not math.isnan(v)]
+                row[k] = _mean_std(values)[stat == "std"] if len(values) == n else None
+            row["epochs"] = None
+            row["duration_s"] = round(sum(float(r.duration_s or 0) for r in members), 1)
+            out.append(row)
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def write_report(table: Sequence[dict[str, Any]], root: Path) -> tuple[Path, Path]:
+    """``report.csv`` and ``report.md`` in ``root``."""
+    columns: list[str] = []
+    for row in table:
+        columns += [k for k in row if k not in columns]
+    csv_path, md_path = root / REPORT_CSV, root / REPORT_MD
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in table:
+            writer.writerow({k: _cell(row.get(k)) for k in columns})
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table:
+        cells = [_cell(row.get(k)).replace("|", "\\|") for k in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    md_path.write_text(f"# Runs under {root}\n\n" + "\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def print_table(table: Sequence[dict[str, Any]], title: str) -> None:
+    """The report on the terminal (figures of the monitored stage first)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns: list[str] = []
+    for row in table:
+        columns += [k for k in row if k not in columns and k != "error"]
+    t = Table(title=title, show_lines=False)
+    for c in columns:
+        t.add_column(c, justify="right" if c.startswith(("val/", "test/")) else "left")
+    for row in table:
+        style = "red" if row["status"] == "failed" else None
+        t.add_row(*(_cell(row.get(c)) for c in columns), style=style)
+    console = Console(width=max(120, 14 * len(columns)))
+    console.print(t)
+    for row in table:
+        if row.get("error"):
+            console.print(f"[red]{row['run']} failed:[/red] {row['error']}")
+
+
+def report(root: str | Path, quiet: bool = False) -> list[dict[str, Any]]:
+    """Find, sort, print and write the runs under ``root``; return the table's rows."""
+    base = Path(root)
+    runs = find_runs(base)
+    table = rows(runs, base)
+    if table:
+        write_report(table, base)
+    if not quiet:
+        print_table(table, f"{len(table)} run(s) under {base}")
+    return table

@@ -1,0 +1,142 @@
+"""What ``train`` checks before it builds anything: its values, their combination, the output
+folder, the data tree (folders only), a weights file it names, and the checkpoint it would
+resume from (:func:`check_resume`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from covidqu.errors import ConfigError, UserError
+from covidqu.runtime.checks import MISSING, check_output_dir, check_values, value_at
+from covidqu.runtime.cli import user_errors
+from covidqu.train.synthetic import with_synthetic_defaults
+
+
+def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] | None = None) -> None:
+    """``train``'s checks (see the module docstring)."""
+    from hydra.utils import instantiate
+
+    cfg = with_synthetic_defaults(cfg, overrides or [])
+    check_values(cfg, "train")
+    check_config(cfg)
+    check_output_dir(out_dir, "hydra.run.dir")
+    if cfg.data.get("root") not in (None, ""):
+        with user_errors():
+            datamodule = instantiate(cfg.data)
+        datamodule.scan()  # lists folders only: the tree, not a pixel
+    weights = value_at(cfg, "encoder.weights")
+    if weights is not MISSING:
+        from covidqu.models.weights import parse_weights
+
+        parse_weights(weights)  # a weights file must exist
+    check_resume(cfg, out_dir)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse combinations that cannot work, before any data or model is built."""
+    network = cfg.task.get("network")
+    builder = str(cfg.model.get("_target_", ""))
+    if network and builder != network.builder:
+        raise ConfigError(
+            f"task={cfg.task.name} needs {network.what}, but the model config builds "
+            f"{builder.rsplit('.', 1)[-1]} ({builder}); use {network.choices}"
+        )
+    for key in (network or {}).get("requires") or []:  # model options the task's module reads
+        if cfg.model.get(key) in (None, {}, []):
+            raise ConfigError(
+                f"task={cfg.task.name} needs model.{key} (set by conf/task/{cfg.task.name}.yaml), "
+                f"but it is empty: remove the override of model.{key}, or choose another task"
+            )
+    monitor = str(cfg.task.monitor)
+    if not monitor.startswith(("val/", "train/")):
+        raise ConfigError(f"task.monitor={monitor} must name a logged metric such as val/dice")
+    if cfg.task.monitor_mode not in ("min", "max"):
+        raise ConfigError(f"task.monitor_mode must be min or max, got {cfg.task.monitor_mode}")
+
+
+def _plain_model(model: Mapping[str, Any]) -> dict[str, Any]:
+    from covidqu.models.checkpoint import WEIGHT_KEYS
+
+    return {k: v for k, v in model.items() if k not in WEIGHT_KEYS}
+
+
+def _differences(recipe: Mapping[str, Any], cfg: DictConfig) -> list[str]:
+    """How the run ``recipe`` was written by differs from ``cfg``: task, network, preprocessing."""
+    found: list[str] = []
+
+    def compare(key: str, then: Any, now: Any) -> None:
+        if then != now:
+            found.append(f"{key}: {then!r} in the checkpoint, {now!r} now")
+
+    compare("task.name", recipe.get("task", {}).get("name"), value_at(cfg, "task.name"))
+    then_net = _plain_model(recipe.get("net") or {})
+    now_net = _plain_model(value_at(cfg, "model") or {})
+    for key in sorted(set(then_net) | set(now_net)):
+        compare(f"model.{key}", then_net.get(key), now_net.get(key))
+    pre = recipe.get("preprocess") or {}
+    data = value_at(cfg, "data") or {}
+    compare("data._target_", pre.get("datamodule"), data.get("_target_"))
+    if data.get("target") is not None:
+        compare("data.target", pre.get("target"), data.get("target"))
+    for key in ("image_size", "mean", "std"):
+        compare(f"data.{key}", pre.get(key), data.get(key))
+    return found
+
+
+#: How many differences a refused resume lists.
+_SHOWN = 6
+
+
+def resume_candidate(cfg: DictConfig, out_dir: Path) -> tuple[Path, str] | None:
+    """The checkpoint ``train`` would resume from and the key that chose it, if any."""
+    if cfg.get("ckpt_path"):
+        return Path(str(cfg.ckpt_path)).expanduser(), "ckpt_path"
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("auto_resume", True) and last.is_file():
+        return last, "auto_resume"
+    return None
+
+
+def check_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """The checkpoint to resume from, after checking it belongs to this config.
+
+    A run folder's ``last.ckpt`` written by another task, network or preprocessing would fail
+    deep inside Lightning with a state-dict error, or worse, resume into the wrong run: refuse
+    it, naming what differs and the two ways out, before anything in that folder is touched.
+    """
+    found = resume_candidate(cfg, out_dir)
+    if found is None:
+        return None
+    path, why = found
+    from covidqu.models.checkpoint import read_checkpoint
+
+    try:
+        recipe = read_checkpoint(path)["covidqu"]
+    except UserError as err:
+        if why == "ckpt_path":
+            raise
+        raise type(err)(
+            f"{err} Or set auto_resume=false to train afresh instead of resuming from it."
+        ) from err
+    differences = _differences(recipe, cfg)
+    if not differences:
+        return path
+    shown = differences[:_SHOWN]  # another task differs in every model key: the first few say it
+    if len(differences) > _SHOWN:
+        shown.append(f"... and {len(differences) - _SHOWN} more")
+    listed = "\n  ".join(shown)
+    if why == "ckpt_path":
+        raise ConfigError(
+            f"ckpt_path={path} was written by another config, so this run cannot resume from "
+            f"it:\n  {listed}\nResume it with the config it was trained with, or drop ckpt_path."
+        )
+    raise ConfigError(
+        f"{out_dir} holds a run of another config: its checkpoints/last.ckpt was written with\n"
+        f"  {listed}\nNothing in that folder was changed. Start this run in another folder "
+        f"(hydra.run.dir=NEW_FOLDER), or start afresh in this one with auto_resume=false (its "
+        "checkpoints will then be replaced)."
+    )
