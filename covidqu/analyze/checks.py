@@ -56,14 +56,14 @@ def check_detect_score(
 
 def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] = ()) -> None:
     """``analyze``'s checks (see the module docstring)."""
-    from covidqu.models.multitask import has_class_head
+    from covidqu.models.checkpoint import module_class
     from covidqu.runtime.inputs import find_inputs
 
     check_values(cfg, "analyze")
     refuse_empty_lists(cfg, *CKPT_KEYS)
     require(cfg, ["infection_ckpt"], USAGE)
     recipes = {key: check_checkpoints(cfg[key], key) for key in CKPT_KEYS if cfg.get(key)}
-    has_head = has_class_head(recipes["infection_ckpt"])
+    has_head = module_class(recipes["infection_ckpt"]).class_head
     threshold = cfg.detect.get("threshold")
     check_detect_score(cfg.detect.get("score", "mask"), has_head, cfg.infection_ckpt, threshold)
     if cfg.get("input"):

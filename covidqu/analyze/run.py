@@ -127,15 +127,11 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _analyze(cfg: DictConfig) -> dict[str, Any]:
-    # here, not at the top: its module pulls in smp (through the losses), which the command's
-    # start-up does without
-    from covidqu.models.multitask import has_class_head
-
     tta = cfg.get("tta", "none")
     stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, "cpu")
     by = cfg.detect.get("score", "mask")
     check_detect_score(
-        by, has_class_head(stages.infection.recipe), cfg.infection_ckpt, cfg.detect.get("threshold")
+        by, stages.infection.class_head, cfg.infection_ckpt, cfg.detect.get("threshold")
     )
     for stage_module in stages.modules():
         stage_module.tta = tta  # both stages' masks are of the TTA mean

@@ -12,7 +12,7 @@ import torch
 
 from covidqu.errors import ConfigError
 from covidqu.models import calibration
-from covidqu.models.checkpoint import read_checkpoint
+from covidqu.models.checkpoint import module_class, read_checkpoint
 from covidqu.models.ensemble import is_ensemble
 from covidqu.scoring.calibration import ece
 
@@ -29,19 +29,14 @@ def check_calibrate(ckpt_path: Any) -> None:
             "ckpt_path=A.ckpt calibrate=true, then B.ckpt ...); the ensemble then uses each "
             "member's temperature"
         )
-    task = read_checkpoint(ckpt_path)["covidqu"].get("task") or {}
-    if task.get("kind") != "classification":
-        # a multitask model has class logits too, but its temperature would have to reach the
-        # class half of a pair of outputs everywhere: not done yet, so said plainly
-        has = (
-            "its class head is not calibrated yet"
-            if task.get("name") == "multitask"
-            else ("it has no class logits")
-        )
+    recipe = read_checkpoint(ckpt_path)["covidqu"]
+    refusal = module_class(recipe).calibration_refusal
+    if refusal is not None:
+        task = (recipe.get("task") or {}).get("name")
         raise ConfigError(
-            f"calibrate=true fits a temperature to class logits of a task=classify model, and "
-            f"ckpt_path={ckpt_path} is a task={task.get('name')} model ({has}): drop "
-            "calibrate=true, or give a task=classify checkpoint"
+            f"calibrate=true fits a temperature to a model's class logits, and "
+            f"ckpt_path={ckpt_path} is a task={task} model ({refusal}): drop calibrate=true, or "
+            "give the checkpoint of a classifier (task=classify)"
         )
 
 

@@ -59,18 +59,16 @@ def check_output(output: Any) -> Path:
     return path
 
 
-def check_single_output(recipe: dict[str, Any], ckpt_path: Any) -> None:
-    """Refuse a network with a classification head (``task=multitask``): its two outputs
-    would need a second output name and its own metadata, which the formats here do not
-    describe yet; its masks alone come from a task=infection checkpoint."""
-    from covidqu.models.multitask import has_class_head
-
-    if has_class_head(recipe):
+def check_single_output(module: type[Any], recipe: dict[str, Any], ckpt_path: Any) -> None:
+    """Refuse a network whose task cannot be exported as one output: ``module`` (the class of
+    the checkpoint's module) says why (:attr:`~covidqu.models.base.CXRModule.export_refusal`)."""
+    refusal = module.export_refusal
+    if refusal is not None:
+        task = (recipe.get("task") or {}).get("name")
         raise ConfigError(
-            f"ckpt_path={ckpt_path} holds a network with a classification head "
-            f"(task={(recipe.get('task') or {}).get('name', 'multitask')}: masks and class "
-            "logits), and export writes networks with one output only: export a task=infection "
-            "or task=classify checkpoint, or use python -m covidqu.predict with this one"
+            f"ckpt_path={ckpt_path} holds a task={task} network ({refusal}), and export writes "
+            "networks with one output only: export the checkpoint of a one-output task (e.g. "
+            "task=infection or task=classify), or use python -m covidqu.predict with this one"
         )
 
 
@@ -78,5 +76,8 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] = ()) -> None
     """``export``'s checks (see the module docstring)."""
     check_required(cfg)
     check_installed(check_format(cfg.format))
-    check_single_output(check_checkpoint(cfg.ckpt_path, "ckpt_path"), cfg.ckpt_path)
+    from covidqu.models.checkpoint import module_class
+
+    recipe = check_checkpoint(cfg.ckpt_path, "ckpt_path")
+    check_single_output(module_class(recipe), recipe, cfg.ckpt_path)
     check_output(cfg.output)

@@ -50,29 +50,17 @@ def _size(image_size: Any) -> tuple[int, int]:
 def metadata(module: Any) -> dict[str, Any]:
     """What a caller of the exported file needs: the input it takes (with the preprocessing
     that makes it), and what its output means (logits, their classes and activation)."""
-    from covidqu.constants import CLASSES
     from covidqu.models.checkpoint import preprocessing
 
     pre = preprocessing(module)
-    recipe = module.recipe
-    task = dict(recipe.get("task") or {})
+    task = dict(module.recipe.get("task") or {})
     h, w = _size(pre["image_size"])
-    segmentation = task.get("kind") == "segmentation"
-    names = list(module.class_names if segmentation else recipe.get("classes") or CLASSES)
-    output: dict[str, Any] = {
-        "name": "logits",
-        "kind": "logits",
-        "shape": ["batch", len(names), h, w] if segmentation else ["batch", len(names)],
-        "activation": "sigmoid" if len(names) == 1 else "softmax over dim 1",
-        "class_names": names,
-    }
-    if segmentation and len(names) == 1:
-        output["threshold"] = float(getattr(module, "threshold", 0.5))
+    output = module.export_output(h, w)  # the task's own account of its output
     return {
         "covidqu_metadata_version": METADATA_VERSION,
         "task": task.get("name"),
         "kind": task.get("kind"),
-        "class_names": names,
+        "class_names": output["class_names"],
         "preprocessing": {
             "image_size": [h, w],
             "mean": float(pre["mean"]),
@@ -126,7 +114,7 @@ def export(
     check_installed(fmt)
     path = check_output(output)
     module = load_module(ckpt_path)
-    check_single_output(module.recipe, ckpt_path)
+    check_single_output(type(module), module.recipe, ckpt_path)
     meta = metadata(module)
     h, w = meta["preprocessing"]["image_size"]
     # The network alone: the LightningModule's forward adds only a memory-format choice.

@@ -10,8 +10,8 @@ preprocessing from the checkpoint alone.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -47,6 +47,20 @@ class CXRModule(pl.LightningModule):
 
     #: Key of the batch that holds the target of the loss and metrics.
     target_key = "mask"
+
+    # What the commands may do with a task's model, asked of its class (a checkpoint's recipe
+    # names it: :func:`covidqu.models.checkpoint.module_class`), so that no command branches on
+    # a task's name.
+
+    #: Why ``eval calibrate=true`` cannot fit a temperature to this task's outputs; ``None``
+    #: where it can (its outputs are one tensor of class logits).
+    calibration_refusal: ClassVar[str | None] = "it has no class logits"
+    #: Why ``export`` cannot write this task's network as a file of one output (see
+    #: :meth:`export_output`); ``None`` where it can.
+    export_refusal: ClassVar[str | None] = None
+    #: Whether the network also gives each image's class probabilities beside its pixel ones
+    #: (a classification head): ``analyze detect.score=classifier|mean`` needs them.
+    class_head: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -247,6 +261,11 @@ class CXRModule(pl.LightningModule):
         network's probabilities for it: the row's columns, and pictures by file suffix."""
         raise NotImplementedError
 
+    def export_output(self, height: int, width: int) -> dict[str, Any]:
+        """What the exported network's one output is, for the metadata inside the file: its
+        shape, activation and class names (:mod:`covidqu.export.run`)."""
+        raise NotImplementedError
+
     @property
     def normalisation(self) -> tuple[float, float]:
         """The ``(mean, std)`` the inputs were normalised with (from the recipe)."""
@@ -317,6 +336,18 @@ class CXRModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "covidqu" in checkpoint and not self.recipe:
             self.recipe = {k: v for k, v in checkpoint["covidqu"].items() if k != "module_class"}
+
+
+def logits_output(names: Sequence[str], shape: Sequence[Any]) -> dict[str, Any]:
+    """An exported output of logits over ``names`` (sigmoid for one, else softmax), of
+    ``shape``: what :meth:`CXRModule.export_output` describes."""
+    return {
+        "name": "logits",
+        "kind": "logits",
+        "shape": list(shape),
+        "activation": "sigmoid" if len(names) == 1 else "softmax over dim 1",
+        "class_names": list(names),
+    }
 
 
 def detached(outputs: Any) -> Any:

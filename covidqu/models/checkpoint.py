@@ -119,6 +119,12 @@ def read_checkpoint(path: str | os.PathLike[str], key: str = "ckpt_path") -> dic
     return ckpt
 
 
+def module_class(recipe: dict[str, Any]) -> type[CXRModule]:
+    """The LightningModule class a checkpoint's recipe was written by: what its task may do is
+    asked of it (:attr:`~covidqu.models.base.CXRModule.class_head`, ...)."""
+    return get_class(recipe["module_class"])
+
+
 def build_from_recipe(recipe: dict[str, Any], net: torch.nn.Module | None = None) -> CXRModule:
     """A module with freshly built network, loss and metrics as described by ``recipe``;
     ``net``: that network instead of the recipe's (an ensemble of such modules)."""
@@ -130,7 +136,7 @@ def build_from_recipe(recipe: dict[str, Any], net: torch.nn.Module | None = None
         net = instantiate(net_cfg)
     loss = instantiate(recipe["loss"]) if recipe.get("loss") else None
     metrics = instantiate(recipe["metrics"])
-    cls = get_class(recipe["module_class"])
+    cls = module_class(recipe)
     kwargs = dict(recipe.get("module_kwargs") or {})
     inner = {k: v for k, v in recipe.items() if k != "module_class"}
     return cls(net=net, loss=loss, metrics=metrics, recipe=inner, **kwargs)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from covidqu.constants import CLASSES
-from covidqu.models.base import CXRModule
+from covidqu.models.base import CXRModule, logits_output
 from covidqu.models.figures import classification_panel, denormalise
 
 
@@ -50,6 +50,7 @@ class ClassificationModule(CXRModule):
     """
 
     target_key = "label"
+    calibration_refusal = None  # one tensor of class logits: a temperature fits them
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -105,6 +106,11 @@ class ClassificationModule(CXRModule):
     def test_tables(self) -> dict[str, list[dict[str, Any]]]:
         """``confusion_matrix``: one row per true class, one column per predicted class."""
         return confusion_table(self.confusion.get("test"))
+
+    def export_output(self, height: int, width: int) -> dict[str, Any]:
+        """Class logits, ``batch x C``, in the recipe's class order."""
+        names = list(self.recipe.get("classes") or CLASSES)
+        return logits_output(names, ["batch", len(names)])
 
     def predict_outputs(
         self, image: np.ndarray, probabilities: np.ndarray

@@ -31,12 +31,6 @@ LOSS_PARTS = ("seg", "cls")
 DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "cls": 0.5}
 
 
-def has_class_head(recipe: Mapping[str, Any]) -> bool:
-    """Whether the network a checkpoint's ``recipe`` builds has a classification head (smp's
-    ``aux_params``), so its module gives class probabilities beside the masks."""
-    return bool((recipe.get("net") or {}).get("aux_params"))
-
-
 def check_loss_weights(weights: Mapping[str, Any] | None) -> dict[str, float]:
     """``module.loss_weights`` with its defaults filled in; a ValueError naming the key for an
     unknown part, a weight that is not a finite number >= 0, or all weights zero."""
@@ -132,6 +126,15 @@ class MultitaskModule(SegmentationModule):
         **kwargs: see :class:`~covidqu.models.segmentation.SegmentationModule`; ``metrics`` is a
             :class:`MultitaskMetrics`.
     """
+
+    class_head = True
+    # its temperature would have to reach the class half of a pair of outputs everywhere
+    calibration_refusal = "its class head is not calibrated yet"
+    # two outputs need a second output name and metadata of their own, which the export
+    # formats here do not describe yet; its masks alone come from a task=infection checkpoint
+    export_refusal = (
+        "a network with a classification head gives masks and class logits, two outputs"
+    )
 
     def __init__(
         self, *args: Any, loss_weights: Mapping[str, float] | None = None, **kwargs: Any

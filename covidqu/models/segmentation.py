@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from covidqu.constants import CLASSES, TARGETS
-from covidqu.models.base import CXRModule
+from covidqu.models.base import CXRModule, logits_output
 from covidqu.models.figures import denormalise, segmentation_panel, tint
 from covidqu.models.metrics import default_class_names, per_image_scores
 from covidqu.scoring.severity import infected_share
@@ -135,6 +135,14 @@ class SegmentationModule(CXRModule):
         if up.shape[0] == 1:
             return (up[0] > self.threshold).astype(np.uint8)
         return up.argmax(axis=0).astype(np.uint8)
+
+    def export_output(self, height: int, width: int) -> dict[str, Any]:
+        """Pixel logits, ``batch x C x H x W``; a binary target's threshold with them."""
+        names = self.class_names
+        output = logits_output(names, ["batch", len(names), height, width])
+        if len(names) == 1:
+            output["threshold"] = float(self.threshold)
+        return output
 
     def predict_outputs(
         self, image: np.ndarray, probabilities: np.ndarray
