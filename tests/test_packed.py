@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidqu.data import packed
+from covidqu.data import pack_workers, packed
 from covidqu.data.layout import DataError, scan
 from covidqu.data.packed import PackedReader, PackError, ensure_packed
+from covidqu.data.readers import read_image
 
 SIZE = 32
 
@@ -93,7 +94,7 @@ def test_augmented_batches_equal_and_the_pool_builds_the_same_arrays(
     assert pck.datasets["train"].transform is not None  # augmentation kept, resize dropped
     assert not any(isinstance(t, A.Resize) for t in pck.datasets["train"].transform.transforms)
 
-    monkeypatch.setattr(packed, "INLINE_BELOW", 0)
+    monkeypatch.setattr(pack_workers, "INLINE_BELOW", 0)
     index = scan(synth_root, subsets=["lung"])
     pool = ensure_packed(index, "lung", SIZE, tmp_path / "b", workers=2)
     inline = pck.reader.folder
@@ -166,13 +167,13 @@ def _pack_slowly(root: str, cache: str, barrier, results) -> None:
     """One of two processes racing for the same cache; the build is slowed so that they meet."""
     import time
 
-    build = packed._build
+    build = packed.build_arrays
 
     def slow(*args, **kwargs):
         time.sleep(1.0)
         return build(*args, **kwargs)
 
-    packed._build = slow
+    packed.build_arrays = slow
     index = scan(root, subsets=["lung"])
     barrier.wait()
     result = ensure_packed(index, "lung", SIZE, cache, workers=1)
@@ -197,8 +198,8 @@ def test_two_processes_starting_together_pack_once(synth_root, tmp_path):
     assert sorted(built for built, _, _ in got) == [False, True]  # one built, one waited
     assert got[0][1] == got[1][1]
     index = scan(synth_root, subsets=["lung"])
-    expected = packed._resize((SIZE, SIZE))(
-        image=packed.read_image(index.select(split="val")[2].image)
+    expected = pack_workers._resize((SIZE, SIZE))(
+        image=read_image(index.select(split="val")[2].image)
     )["image"]
     assert got[0][2] == got[1][2] == expected.tobytes()
 

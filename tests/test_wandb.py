@@ -22,7 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 from covidqu.constants import CLASSES
-from covidqu.runtime import loggers as wb
+from covidqu.runtime import loggers
+from covidqu.runtime import wandb_logger as wb
 from covidqu.runtime.callbacks import WandbMedia
 
 from pipeline_helpers import TINY, read_csv, run_module
@@ -341,7 +342,7 @@ def test_finish_loggers_ends_the_run_and_marks_a_failure(no_credentials, tmp_pat
         logger.log_metrics({"val/dice": 0.25}, step=0)
         raise RuntimeError("the job failed")
     except RuntimeError:
-        wb.finish_loggers([logger])  # as in a `finally:` after an error
+        loggers.finish_loggers([logger])  # as in a `finally:` after an error
     assert wandb.run is None
     assert logger.sync_command() == f"wandb sync {offline_runs(tmp_path / 'run')[0]}"
     (run_dir,) = offline_runs(tmp_path / "run")
@@ -349,7 +350,7 @@ def test_finish_loggers_ends_the_run_and_marks_a_failure(no_credentials, tmp_pat
     while "exit_code" not in (run := read_run(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert run.get("exit_code") == 1 and run["summary"]["val/dice"] == 0.25
-    wb.finish_loggers([logger])  # twice: harmless
+    loggers.finish_loggers([logger])  # twice: harmless
 
 
 def _hydra_conf(tmp_path: Path, mode: str, overrides: list[str], **extra: Any) -> Any:
@@ -400,11 +401,11 @@ def test_log_config_gives_every_logger_the_resolved_config(tmp_path):
     cfg = OmegaConf.create({"model": {"arch": "unet", "encoder": "${encoder.name}"}})
     cfg.encoder = {"name": "resnet18"}
     first, second = CSVLogger(tmp_path, name="a"), CSVLogger(tmp_path, name="b")
-    wb.log_config([first, second], cfg)
+    loggers.log_config([first, second], cfg)
     for logger in (first, second):
         assert logger.experiment.hparams["model"] == {"arch": "unet", "encoder": "resnet18"}
-    wb.log_config([], cfg)  # nothing to log to: nothing happens
-    wb.finish_loggers([first, second])  # no W&B logger among them: nothing to finish
+    loggers.log_config([], cfg)  # nothing to log to: nothing happens
+    loggers.finish_loggers([first, second])  # no W&B logger among them: nothing to finish
 
 
 class _Untouchable(torch.nn.Module):
@@ -443,7 +444,7 @@ def test_an_unreachable_server_falls_back_to_offline(no_credentials, monkeypatch
         assert run.settings.mode == "offline"
         logger.log_metrics({"val/dice": 0.5}, step=0)
     finally:
-        wb.finish_loggers([logger])
+        loggers.finish_loggers([logger])
     (offline,) = offline_runs(tmp_path / "run")
     assert read_run(offline)["summary"]["val/dice"] == 0.5
     assert os.environ.get("WANDB_MODE") is None  # no process-wide side effect

@@ -153,7 +153,7 @@ def _overlap(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 def split_samples(root: str | os.PathLike[str], split: str, limit: int | None) -> list[Sample]:
     """The infection subset's images of ``split`` (at most ``limit`` per class)."""
-    from covidqu.data.datamodule import cap_per_class, resolve_data_root
+    from covidqu.data.layout import cap_per_class, resolve_data_root
 
     index = scan(resolve_data_root(root), subsets=["infection"])
     index.raise_on_problems("infection")

@@ -13,7 +13,6 @@ neither races nor loads the disk. Batch size is per process (per device).
 from __future__ import annotations
 
 import os
-import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -23,81 +22,32 @@ from typing import Any, ClassVar
 import albumentations as A
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 
 from covidqu.constants import SPLITS, subset_targets
 from covidqu.data.badfiles import BadFileLoader, BadFileLog
+from covidqu.data.cache import progress_bar
 from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset, finish_batch
 from covidqu.data.folds import check_fold_keys
-from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, scan
-from covidqu.data.loading import EpochSampler, ResumableLoader, worker_init
+from covidqu.data.layout import (
+    SPLIT_DIRS,
+    DataError,
+    Index,
+    Sample,
+    cap_per_class,
+    resolve_data_root,
+    scan,
+)
+from covidqu.data.loading import (
+    EpochSampler,
+    ResumableLoader,
+    distributed_rank,
+    distributed_world,
+    eval_sampler,
+    worker_init,
+)
 from covidqu.data.readers import PngReader, SampleReader, build_reader
 from covidqu.data.transforms import _size, build_transform
 from covidqu.errors import ConfigError
-
-ENV_ROOT = "COVIDQU_ROOT"
-
-
-def resolve_data_root(root: str | os.PathLike[str] | None) -> Path:
-    """``root`` if given, else ``$COVIDQU_ROOT``; a clear error when neither is set."""
-    if root in (None, ""):
-        root = os.environ.get(ENV_ROOT) or None
-    if root is None:
-        raise DataError(
-            "no dataset configured: set data.root=/path/to/COVID-QU-Ex (the extracted archive, a "
-            f"subset folder or its inner folder) or the {ENV_ROOT} environment variable. For a "
-            "synthetic tree: `python -m covidqu.data synth OUT`."
-        )
-    return Path(root).expanduser()
-
-
-def cap_per_class(
-    samples: Sequence[Sample], limit: int | None, seed: int = 0, tag: str = ""
-) -> list[Sample]:
-    """At most ``limit`` samples of each class, drawn reproducibly (order kept)."""
-    if limit is None:
-        return list(samples)
-    if limit < 1:
-        raise ValueError(f"data.limit_per_class must be >= 1 or null, got {limit}")
-    by_class: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        by_class.setdefault(s.cls, []).append(i)
-    keep: set[int] = set()
-    for cls, idx in by_class.items():
-        if len(idx) > limit:
-            idx = random.Random(f"{seed}/{tag}/{cls}").sample(idx, limit)
-        keep.update(idx)
-    return [s for i, s in enumerate(samples) if i in keep]
-
-
-def _distributed_world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _distributed_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
-def _eval_sampler(ds: CXRDataset, split: str, world: int) -> UnrepeatedDistributedSampler:
-    """This process's shard of an evaluation split: every image exactly once over all processes.
-
-    PyTorch's DistributedSampler, which Lightning injects by default, pads the shards with
-    repeated images, which would count them twice in split-level figures and per-image rows.
-    Lightning's unrepeated sampler gives process ``r`` the images ``r, r + world, ...`` (the
-    order the per-image rows are gathered back in), and Lightning keeps a DistributedSampler it
-    is given instead of injecting its own.
-    """
-    if len(ds) < world:
-        raise DataError(
-            f"the {split} split has {len(ds)} images, fewer than the {world} processes that "
-            "evaluate it: every process needs at least one. Evaluate on fewer devices "
-            "(trainer.devices, trainer.num_nodes) or on more images (data.limit_per_class)."
-        )
-    return UnrepeatedDistributedSampler(ds, shuffle=False)
 
 
 class TrainLoader(ResumableLoader, BadFileLoader):
@@ -299,14 +249,16 @@ class COVIDQUDataModule(pl.LightningDataModule):
         """``{"train": ..., "val": ...}`` of fold ``fold`` of ``num_folds`` over the pooled
         Train + Val of ``index`` (hashing them once into the cache folder)."""
         if self._fold_samples is None:
+            from covidqu.data.cache import default_cache_dir
             from covidqu.data.duplicates import subset_hashes
             from covidqu.data.folds import fold_split
-            from covidqu.data.packed import default_cache_dir
 
             pool = index.select(subset=self.subset, split="train")
             pool += index.select(subset=self.subset, split="val")
             cache_dir = default_cache_dir() if self.cache_dir in (None, "") else self.cache_dir
-            hashes = subset_hashes(index, self.subset, pool, cache_dir, progress=_hash_tqdm)
+            hashes = subset_hashes(
+                index, self.subset, pool, cache_dir, progress=progress_bar("hashing for folds")
+            )
             self._fold_samples = fold_split(
                 pool, hashes, self.num_folds, self.fold, self.fold_seed, self.duplicate_distance
             )
@@ -347,24 +299,24 @@ class COVIDQUDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         ds = self.datasets[split]
-        world = _distributed_world()
+        world = distributed_world()
         workers = self.num_workers
         kwargs: dict[str, Any] = {"num_workers": workers}
         if workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
             kwargs["prefetch_factor"] = 4
-            kwargs["worker_init_fn"] = partial(worker_init, rank=_distributed_rank())
+            kwargs["worker_init_fn"] = partial(worker_init, rank=distributed_rank())
         kwargs["pin_memory"] = self.pin_memory and torch.cuda.is_available()
         kwargs.update(bad_files=self.bad_files, split=split, training=train)
         if not train:
-            sampler = _eval_sampler(ds, split, world) if world > 1 else None
+            sampler = eval_sampler(ds, split, world) if world > 1 else None
             return BadFileLoader(ds, batch_size=self.eval_batch_size, sampler=sampler, **kwargs)
         weights = None
         if self.balanced_sampler:
             counts = Counter(ds.labels)
             weights = [1.0 / counts[y] for y in ds.labels]
         sampler = EpochSampler(
-            ds, seed=self.seed, weights=weights, num_replicas=world, rank=_distributed_rank()
+            ds, seed=self.seed, weights=weights, num_replicas=world, rank=distributed_rank()
         )
         loader = TrainLoader(
             ds,
@@ -431,10 +383,13 @@ class COVIDQUDataModule(pl.LightningDataModule):
         return cache
 
     def _packed(self, index: Index) -> Any:
-        from covidqu.data.packed import default_cache_dir, ensure_packed
+        from covidqu.data.cache import default_cache_dir
+        from covidqu.data.packed import ensure_packed
 
         cache_dir = default_cache_dir() if self.cache_dir in (None, "") else self.cache_dir
-        return ensure_packed(index, self.subset, self.image_size, cache_dir, progress=_tqdm)
+        return ensure_packed(
+            index, self.subset, self.image_size, cache_dir, progress=progress_bar("packing")
+        )
 
     def _open_cache(self) -> None:
         """Map the packed cache in this process (building it if ``prepare_data`` did not)."""
@@ -474,20 +429,6 @@ class COVIDQUDataModule(pl.LightningDataModule):
         index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         key = (self.seed, trainer.current_epoch, index, trainer.global_rank)
         return self.device_augment(batch, key=key, mean=self.mean, std=self.std)
-
-
-def _tqdm(total: int) -> Any:
-    """A progress bar for packing, on an interactive stderr only (it takes minutes)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="packing", unit="img", disable=None)
-
-
-def _hash_tqdm(total: int) -> Any:
-    """A progress bar for hashing a subset for its folds (once, then cached)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="hashing for folds", unit="img", disable=None)
 
 
 class LungDataModule(COVIDQUDataModule):

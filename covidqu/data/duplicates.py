@@ -34,14 +34,15 @@ import cv2
 import numpy as np
 
 from covidqu.constants import SPLITS, SUBSETS
-from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample
-from covidqu.data.packed import (
+from covidqu.data.cache import (
     add_cache_arguments,
+    default_cache_dir,
     default_workers,
     file_stamp,
-    relative_key,
+    progress_bar,
     run_chunks,
 )
+from covidqu.data.layout import SPLIT_DIRS, DataError, Index, Sample, relative_key
 from covidqu.data.readers import ImageDecodeError, read_image
 from covidqu.errors import UserError
 
@@ -393,11 +394,6 @@ def add_arguments(parser: Any) -> None:
 def run(args: Any) -> int:
     """Find and print the pairs; see the exit codes above."""
     import sys
-    from functools import partial
-
-    from tqdm import tqdm
-
-    from covidqu.data.packed import default_cache_dir
 
     try:
         report = find_duplicates(
@@ -405,7 +401,7 @@ def run(args: Any) -> int:
             max_distance=args.max_distance,
             cache_dir=args.cache_dir or default_cache_dir(),
             workers=args.workers,
-            progress=partial(tqdm, desc="hashing", unit="img", disable=None),
+            progress=progress_bar("hashing"),
         )
     except UserError as err:  # not a tree, structural problems, unreadable files, bad option
         print(f"error: {err}", file=sys.stderr)

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from covidqu.data.layout import Sample
-from covidqu.data.packed import relative_key
+from covidqu.data.layout import Sample, relative_key
 from covidqu.errors import ConfigError
 
 

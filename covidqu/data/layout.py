@@ -15,8 +15,9 @@ Scanning only lists directories, so it is cheap enough to run in every process o
 from __future__ import annotations
 
 import os
+import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -392,3 +393,44 @@ def _scan_class(index: Index, subset: str, split: str, cls: str, folder: Path) -
                     by_stem[stem], f"mask has no image in '{IMAGES_DIR}' ({folder / IMAGES_DIR})"
                 )
             )
+
+
+def relative_key(sample: Sample) -> str:
+    """A sample's image path relative to its subset folder (``Train/<class>/images/x.png``):
+    its row's key, the same whichever form of the root the tree was reached by."""
+    return f"{SPLIT_DIRS[sample.split]}/{sample.cls}/{IMAGES_DIR}/{sample.image.name}"
+
+
+ENV_ROOT = "COVIDQU_ROOT"
+
+
+def resolve_data_root(root: str | os.PathLike[str] | None) -> Path:
+    """``root`` if given, else ``$COVIDQU_ROOT``; a clear error when neither is set."""
+    if root in (None, ""):
+        root = os.environ.get(ENV_ROOT) or None
+    if root is None:
+        raise DataError(
+            "no dataset configured: set data.root=/path/to/COVID-QU-Ex (the extracted archive, a "
+            f"subset folder or its inner folder) or the {ENV_ROOT} environment variable. For a "
+            "synthetic tree: `python -m covidqu.data synth OUT`."
+        )
+    return Path(root).expanduser()
+
+
+def cap_per_class(
+    samples: Sequence[Sample], limit: int | None, seed: int = 0, tag: str = ""
+) -> list[Sample]:
+    """At most ``limit`` samples of each class, drawn reproducibly (order kept)."""
+    if limit is None:
+        return list(samples)
+    if limit < 1:
+        raise ValueError(f"data.limit_per_class must be >= 1 or null, got {limit}")
+    by_class: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(s.cls, []).append(i)
+    keep: set[int] = set()
+    for cls, idx in by_class.items():
+        if len(idx) > limit:
+            idx = random.Random(f"{seed}/{tag}/{cls}").sample(idx, limit)
+        keep.update(idx)
+    return [s for i, s in enumerate(samples) if i in keep]

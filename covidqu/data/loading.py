@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from covidqu.errors import DataError
 
 
 class EpochSampler(DistributedSampler):
@@ -120,3 +123,35 @@ def worker_init(worker_id: int, rank: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank)
+
+
+def distributed_world() -> int:
+    """How many processes run this job (1 outside a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def distributed_rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def eval_sampler(ds: Dataset, split: str, world: int) -> UnrepeatedDistributedSampler:
+    """This process's shard of an evaluation split: every image exactly once over all processes.
+
+    PyTorch's DistributedSampler, which Lightning injects by default, pads the shards with
+    repeated images, which would count them twice in split-level figures and per-image rows.
+    Lightning's unrepeated sampler gives process ``r`` the images ``r, r + world, ...`` (the
+    order the per-image rows are gathered back in), and Lightning keeps a DistributedSampler it
+    is given instead of injecting its own.
+    """
+    if len(ds) < world:
+        raise DataError(
+            f"the {split} split has {len(ds)} images, fewer than the {world} processes that "
+            "evaluate it: every process needs at least one. Evaluate on fewer devices "
+            "(trainer.devices, trainer.num_nodes) or on more images (data.limit_per_class)."
+        )
+    return UnrepeatedDistributedSampler(ds, shuffle=False)

@@ -36,10 +36,8 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +45,22 @@ import cv2
 import numpy as np
 
 from covidqu.constants import SPLITS, SUBSET_MASKS
-from covidqu.data.layout import IMAGES_DIR, SPLIT_DIRS, DataError, Index, Problem, Sample
-from covidqu.data.readers import ImageDecodeError, no_mask, read_image, read_mask
+from covidqu.data.cache import (
+    add_cache_arguments,
+    default_cache_dir,
+    default_workers,
+    file_stamp,
+    progress_bar,
+)
+from covidqu.data.layout import DataError, Index, Problem, Sample, relative_key
+from covidqu.data.pack_workers import build_arrays, mask_paths, problem_report
+from covidqu.data.readers import no_mask
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever what is written changes, so older caches are rebuilt, not misread.
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-#: Samples decoded per task of the process pool (small enough for a smooth progress bar).
-CHUNK = 64
-#: Fewer samples than this are decoded in this process: starting a pool would cost more.
-INLINE_BELOW = 256
 
 
 class PackError(DataError):
@@ -79,15 +81,6 @@ class Packed:
     counts: dict[str, int]
 
 
-def default_cache_dir() -> Path:
-    """Where ``paths.cache_dir`` points by default (conf/paths/default.yaml), for the CLI."""
-    env = os.environ
-    if env.get("COVIDQU_CACHE"):
-        return Path(env["COVIDQU_CACHE"]).expanduser()
-    base = env.get("XDG_CACHE_HOME") or f"{env.get('HOME', '.')}/.cache"
-    return Path(base).expanduser() / "covidqu"
-
-
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
     from covidqu.data.transforms import _size  # albumentations: only where pixels are resized
 
@@ -99,78 +92,6 @@ def _lib_version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "?"
-
-
-def relative_key(sample: Sample) -> str:
-    """A sample's image path relative to its subset folder (``Train/<class>/images/x.png``):
-    its row's key, the same whichever form of the root the tree was reached by."""
-    return f"{SPLIT_DIRS[sample.split]}/{sample.cls}/{IMAGES_DIR}/{sample.image.name}"
-
-
-def _mask_paths(sample: Sample, kinds: Sequence[str]) -> list[Path]:
-    return [p for p in (sample.mask(k) for k in kinds) if p is not None]
-
-
-def file_stamp(path: str | os.PathLike[str], base: Path, doing: str, then: str = "") -> bytes:
-    """One file's line of a fingerprint: its name relative to ``base``, its size and its
-    modification time (ns), so a replaced or touched file changes the fingerprint. A file that
-    cannot be read is a :class:`DataError` naming it (``doing``: what it was read for; ``then``:
-    what to do after the fix)."""
-    try:
-        st = os.stat(path)
-    except OSError as err:
-        fix = "Restore it, or remove the image with its masks" + (f", {then}." if then else ".")
-        raise DataError(f"cannot read {path} {doing}: {err.strerror or err}. {fix}") from err
-    rel = Path(path).relative_to(base).as_posix()
-    return f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
-
-
-def default_workers(workers: int | None) -> int:
-    """``workers``, or by default one decoding process per core, at most 8."""
-    return min(8, os.cpu_count() or 1) if workers is None else workers
-
-
-def run_chunks(
-    fn: Callable[..., Any],
-    calls: Sequence[tuple[Any, ...]],
-    sizes: Sequence[int],
-    workers: int,
-    inline: bool,
-    progress: Callable[[int], None] | None = None,
-) -> list[Any]:
-    """``fn(*args)`` for each ``args`` of ``calls``, the results in order: in this process when
-    ``inline`` (too little work to start a pool) or with one worker, else in a pool of
-    ``workers`` processes; ``progress(size)`` after each call (``sizes`` aligned with ``calls``).
-    """
-    results: list[Any] = []
-    if inline or workers <= 1:
-        for args, size in zip(calls, sizes, strict=True):
-            results.append(fn(*args))
-            if progress:
-                progress(size)
-        return results
-    # spawn, not fork: the caller may be a training process with threads (or CUDA) running
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(fn, *args) for args in calls]
-        for fut, size in zip(futures, sizes, strict=True):
-            results.append(fut.result())
-            if progress:
-                progress(size)
-    return results
-
-
-def add_cache_arguments(parser: Any) -> None:
-    """The options of the ``data`` commands that decode a whole tree: where the cache is, and
-    how many processes decode."""
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="as paths.cache_dir (default: $COVIDQU_CACHE, else ~/.cache/covidqu)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="decoding processes (default: up to 8)"
-    )
 
 
 def fingerprint(samples: Sequence[Sample], base: Path, kinds: Sequence[str], size: Any) -> str:
@@ -186,7 +107,7 @@ def fingerprint(samples: Sequence[Sample], base: Path, kinds: Sequence[str], siz
     }
     h.update(json.dumps(head, sort_keys=True).encode())
     for s in sorted(samples, key=relative_key):
-        for path in (s.image, *_mask_paths(s, kinds)):
+        for path in (s.image, *mask_paths(s, kinds)):
             h.update(file_stamp(path, base, "while packing", "then pack again"))
     return h.hexdigest()
 
@@ -201,101 +122,6 @@ def cache_folder(
 
 
 # --------------------------------------------------------------------------- building
-
-
-_TRANSFORMS: dict[tuple[int, int], Any] = {}
-
-
-def _resize(hw: tuple[int, int]) -> Any:
-    """The PNG path's own resize (``build_transform`` without augmentation), once per process."""
-    if hw not in _TRANSFORMS:
-        from covidqu.data.transforms import build_transform
-
-        _TRANSFORMS[hw] = build_transform(hw)
-    return _TRANSFORMS[hw]
-
-
-def _pack_chunk(
-    folder: str, split: str, kinds: tuple[str, ...], hw: tuple[int, int], start: int, files: list
-) -> list[Problem]:
-    """Decode, check and resize ``files`` (image path, mask paths) into rows ``start...`` of the
-    split's arrays, opened for writing in place: no pixels travel back to the parent."""
-    images = np.load(Path(folder) / f"{split}.images.npy", mmap_mode="r+")
-    masks = [np.load(Path(folder) / f"{split}.{k}.npy", mmap_mode="r+") for k in kinds]
-    problems: list[Problem] = []
-    for row, (image_path, mask_paths) in enumerate(files, start=start):
-        found: list[Problem] = []
-        try:
-            image = read_image(image_path)
-        except ImageDecodeError as err:
-            found.append(Problem(Path(image_path), f"unreadable image: {err}"))
-            image = None
-        decoded = []
-        for path in mask_paths:
-            try:
-                m = read_mask(path)
-            except ImageDecodeError as err:
-                found.append(Problem(Path(path), f"unreadable mask: {err}"))
-                continue
-            if image is not None and m.shape != image.shape:
-                found.append(
-                    Problem(
-                        Path(path),
-                        f"mask is {m.shape[0]}x{m.shape[1]} but its image is "
-                        f"{image.shape[0]}x{image.shape[1]} (height x width)",
-                    )
-                )
-            decoded.append(m)
-        if found:
-            problems += found
-            continue
-        out = _resize(hw)(image=image, masks=decoded)
-        images[row] = out["image"]
-        for arr, m in zip(masks, out["masks"], strict=True):
-            arr[row] = m
-    images.flush()
-    for arr in masks:
-        arr.flush()
-    return problems
-
-
-def _build(
-    tmp: Path,
-    by_split: dict[str, list[Sample]],
-    kinds: tuple[str, ...],
-    hw: tuple[int, int],
-    base: Path,
-    workers: int,
-    progress: Callable[[int], None] | None,
-) -> list[Problem]:
-    """Write every split's arrays into ``tmp``; the problems of the files that failed."""
-    tasks = []
-    for split, samples in by_split.items():
-        n = len(samples)
-        for name in ("images", *kinds):
-            np.lib.format.open_memmap(tmp / f"{split}.{name}.npy", "w+", np.uint8, (n, *hw)).flush()
-        np.save(tmp / f"{split}.labels.npy", np.array([s.label for s in samples], np.int64))
-        (tmp / f"{split}.ids.json").write_text(json.dumps([relative_key(s) for s in samples]))
-        for i in range(0, n, CHUNK):
-            files = [
-                (str(s.image), [str(p) for p in _mask_paths(s, kinds)])
-                for s in samples[i : i + CHUNK]
-            ]
-            tasks.append((str(tmp), split, kinds, hw, i, files))
-    total = sum(len(s) for s in by_split.values())
-    sizes = [len(t[-1]) for t in tasks]
-    done = run_chunks(_pack_chunk, tasks, sizes, workers, total < INLINE_BELOW, progress)
-    return [problem for chunk in done for problem in chunk]
-
-
-def _problem_report(subset: str, base: Path, root: Path, problems: list[Problem]) -> str:
-    lines = [f"{len(problems)} file(s) of the {subset} subset at {base} could not be packed:"]
-    lines += [f"  {p.relative_to(base)['path']}: {p.problem}" for p in problems]
-    lines.append(
-        f"Nothing was written to the cache. Fix or remove the files named (an image together with "
-        f"its masks); `python -m covidqu.data inspect '{root}' --verify` checks every file."
-    )
-    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -372,12 +198,14 @@ def ensure_packed(
             n = default_workers(workers)
             bar = progress(total=total) if progress else None
             try:
-                problems = _build(tmp, by_split, kinds, hw, base, n, bar.update if bar else None)
+                problems = build_arrays(
+                    tmp, by_split, kinds, hw, base, n, bar.update if bar else None
+                )
             finally:
                 if bar is not None:
                     bar.close()
             if problems:
-                raise PackError(_problem_report(subset, base, index.root, problems), problems)
+                raise PackError(problem_report(subset, base, index.root, problems), problems)
             manifest = {
                 "format": FORMAT_VERSION,
                 "fingerprint": fp,
@@ -507,9 +335,6 @@ def add_arguments(parser: Any) -> None:
 def run(args: Any) -> int:
     """Pack what ``args`` ask for and print where; see the exit codes above."""
     import sys
-    from functools import partial
-
-    from tqdm import tqdm
 
     from covidqu.data.layout import SUBSET_DIRS, NotADatasetError, scan
 
@@ -543,7 +368,7 @@ def run(args: Any) -> int:
                 hw,
                 cache_dir,
                 workers=args.workers,
-                progress=partial(tqdm, desc=f"packing {subset}", unit="img"),
+                progress=progress_bar(f"packing {subset}"),
             )
         except DataError as err:  # files that failed to decode, or structural problems
             return fail(err, EXIT_PROBLEMS)

@@ -72,7 +72,7 @@ class SplitAsTest(pl.LightningDataModule):
     """Serve any split of a DataModule as the test split of ``trainer.test``.
 
     The loader is built when the Trainer asks for it, once the DDP processes exist, so the
-    DataModule shards it without repeats (:func:`covidqu.data.datamodule._eval_sampler`); a
+    DataModule shards it without repeats (:func:`covidqu.data.loading.eval_sampler`); a
     loader built beforehand would get Lightning's padding DistributedSampler instead.
     """
 
