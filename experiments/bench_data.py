@@ -134,14 +134,8 @@ def datamodule_class(root: Path) -> type:
 
 
 def bench_loading(root: Path, workers: int, size: int, batches: int, batch_size: int) -> None:
-    dm = datamodule_class(root)(
-        root=root,
-        image_size=size,
-        batch_size=batch_size,
-        num_workers=workers,
-        persistent_workers=False,
-        augment=None,
-    )
+    loading = {"batch_size": batch_size, "num_workers": workers, "persistent_workers": False}
+    dm = datamodule_class(root)(root=root, image_size=size, augment=None, **loading)
     dm.setup("fit")
     samples = dm.datasets["train"].samples
     plain = DataLoader(
@@ -205,14 +199,8 @@ def bench_packed(
     root: Path, cache_dir: Path, workers: int, size: int, batches: int, batch_size: int
 ) -> None:
     cls = datamodule_class(root)
-    common = dict(
-        root=root,
-        image_size=size,
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=False,
-        persistent_workers=False,
-    )
+    loading = {"batch_size": batch_size, "num_workers": workers, "persistent_workers": False}
+    common = {"root": root, "image_size": size, "pin_memory": False, **loading}
     t0 = time.perf_counter()
     first = cls(**common, cache="packed", cache_dir=cache_dir)
     first.prepare_data()  # packs (every split, once) unless already packed

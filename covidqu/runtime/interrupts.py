@@ -113,12 +113,7 @@ class StopOnSignal(pl.Callback):
         self._install()
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, _: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if _whole_after(trainer, batch_idx):
             self._pass_on(trainer)
