@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -204,6 +206,56 @@ def test_ece_matches_a_hand_computation() -> None:
     assert calibration.binary_ece([0.9, 0.9, 0.2, 0.0], [1, 0, 0, 0]) == pytest.approx(
         2 / 4 * abs(0.9 - 0.5) + 1 / 4 * 0.2 + 1 / 4 * 0.0, abs=1e-6
     )
+
+
+def _printed_ece(monkeypatch: pytest.MonkeyPatch, *args: Any, **kwargs: Any) -> float:
+    """The ECE :func:`calibration.plot_reliability` writes in its diagram's title."""
+    from matplotlib.figure import Figure
+
+    titles: list[str] = []
+    save = Figure.savefig
+
+    def savefig(fig: Figure, *a: Any, **k: Any) -> None:
+        titles.append(fig.axes[0].get_title())
+        save(fig, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    calibration.plot_reliability(*args, **kwargs)
+    (title,) = titles
+    found = re.search(r"ECE (\d+\.\d+) over", title)
+    assert found, title
+    return float(found.group(1))
+
+
+def test_the_reliability_diagram_prints_the_count_weighted_ece(monkeypatch, tmp_path) -> None:
+    """The diagram's ECE is the one metrics.json reports: each bin's gap weighted by its count.
+    The bins hold 40, 8 and 2 images, so a plain mean over bins would read about 0.3, not 0.1."""
+    confident = np.linspace(0.94, 0.99, 40)  # bin 15 of 15: 36 of 40 right
+    middling = np.linspace(0.74, 0.78, 8)  # bin 12: 4 of 8 right
+    unsure = np.array([0.61, 0.63])  # bin 10: both wrong
+    top = np.concatenate([confident, middling, unsure])
+    correct = np.array([1] * 36 + [0] * 4 + [1, 0] * 4 + [0, 0])
+    target = torch.zeros(len(top), dtype=torch.long)
+    target[correct == 0] = 1  # class 0 holds the top probability: right where the truth is 0
+    probs = torch.tensor(np.stack([top, 1 - top], axis=1))
+    expected = calibration.ece(probs, target)
+    mean_conf, accuracy, counts = calibration.reliability_bins(top, correct)
+    assert sorted(counts[counts > 0].tolist()) == [2, 8, 40]
+    unweighted = float(np.nanmean(np.abs(accuracy - mean_conf)))
+    assert abs(unweighted - expected) > 0.1
+    printed = _printed_ece(monkeypatch, top, correct, tmp_path / "eval.png")
+    assert printed == pytest.approx(expected, abs=5e-4)
+
+    # analyze's diagram: a probability of COVID-19 against the share of COVID-19 images
+    monkeypatch.undo()
+    rng = np.random.default_rng(0)
+    probability = np.concatenate([rng.uniform(0.01, 0.06, 60), [0.45, 0.5], rng.uniform(0.9, 1, 8)])
+    truth = np.array([0] * 57 + [1] * 3 + [1, 1] + [1] * 5 + [0] * 3)
+    expected = calibration.binary_ece(probability, truth)
+    mean_conf, accuracy, counts = calibration.reliability_bins(probability, truth)
+    assert abs(float(np.nanmean(np.abs(accuracy - mean_conf))) - expected) > 0.1
+    printed = _printed_ece(monkeypatch, probability, truth, tmp_path / "detect.png")
+    assert printed == pytest.approx(expected, abs=5e-4)
 
 
 @pytest.fixture(scope="module")
