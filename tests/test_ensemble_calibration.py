@@ -26,7 +26,7 @@ from covidqu.data.transforms import build_transform
 from covidqu.errors import CheckpointError, ConfigError
 from covidqu.models import calibration
 from covidqu.models.checkpoint import load_module
-from covidqu.models.ensemble import load_model
+from covidqu.models.ensemble import load_model, temperatures
 from covidqu.models.metrics import ClassificationMetrics
 from covidqu.pipeline import analysis
 from covidqu.pipeline.evaluation import datamodule_for, evaluate
@@ -334,6 +334,44 @@ def test_a_stale_or_broken_sidecar(calibrated, classifiers, tmp_path, caplog) ->
     calibration.sidecar_path(retrained).write_text("{not json")
     with pytest.raises(CheckpointError, match=r"calibration\.json"):
         load_module(retrained)
+
+
+@torch.no_grad()
+def test_an_ensemble_applies_each_members_own_temperature(
+    classifiers, synth_root, tmp_path
+) -> None:
+    """Each member's probabilities come from its own logits over its own temperature: the
+    ensemble's are the mean of ``softmax(logits_i / T_i)``, which neither one temperature for
+    both members nor a member left at 1 would give."""
+    chosen = (0.2, 0.05)  # below 1: an untrained network's small logits grow apart
+    copies = []
+    for src, temperature in zip(classifiers, chosen, strict=True):
+        dst = tmp_path / src.parent.parent.name / "best.ckpt"
+        dst.parent.mkdir(parents=True)
+        shutil.copy(src, dst)
+        weights = torch.load(dst, map_location="cpu", weights_only=True)["state_dict"]
+        record = {
+            "temperature": temperature,
+            "fingerprint": calibration.weights_fingerprint(weights),
+        }
+        calibration.write_sidecar(dst, record)
+        copies.append(dst)
+    ensemble = load_model([str(p) for p in copies])
+    assert temperatures(ensemble) == list(chosen)
+
+    plain = [load_module(p) for p in classifiers]  # the same weights, no sidecar: T = 1
+    assert [m.temperature for m in plain] == [1.0, 1.0]
+    dm = datamodule_for(plain[0].recipe["preprocess"], synth_root, num_workers=0)
+    image = next(iter(dm.dataloader("test")))["image"]
+    logits = [m(image).double() for m in plain]
+
+    def mean_of(t_a: float, t_b: float) -> torch.Tensor:
+        return (torch.softmax(logits[0] / t_a, 1) + torch.softmax(logits[1] / t_b, 1)) / 2
+
+    got = ensemble.predict_probabilities(image).double()
+    torch.testing.assert_close(got, mean_of(*chosen), atol=1e-6, rtol=0)
+    for wrong in ((0.2, 0.2), (0.05, 0.05), (0.2, 1.0), (1.0, 0.05), (1.0, 1.0)):
+        assert (mean_of(*wrong) - mean_of(*chosen)).abs().max() > 1e-2, wrong
 
 
 def test_calibrate_is_refused_where_it_cannot_work(classifiers, multiclass_ckpt, tmp_path):
