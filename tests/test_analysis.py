@@ -243,3 +243,82 @@ def test_one_infection_multiclass_checkpoint_serves_both_stages(synth_root, tmp_
         assert not (infection & ~lung).any()
         share = 100.0 * (infection > 0).sum() / max(1, (lung > 0).sum())
         assert float(row["severity_pct"]) == pytest.approx(share, abs=1e-3)
+
+
+def test_a_score_exactly_at_the_threshold_is_called_covid_everywhere(
+    checkpoints, synth_root, tmp_path, monkeypatch
+):
+    """``score >= threshold``: an image whose infected share is exactly the threshold is called
+    COVID-19 in its ``covid`` column, in its overlay's caption and in the confusion counts
+    behind metrics.json's sensitivity and specificity (and the ROC plot's operating point).
+
+    The stages are replaced by masks made per image: the whole image is lung, and its top rows
+    are infected, so shares are exact (12 of 48 rows: 25.0 %)."""
+    from matplotlib.figure import Figure
+
+    from covidqu.data.readers import PngReader
+
+    # infected rows of 48 per test image: COVID-19 at 50 %, 25 % (on the threshold), 12.5 %;
+    # one Non-COVID image on the threshold too (a false positive), the rest clean
+    rows_of = {"COVID-19": [24, 12, 6], "Non-COVID": [12, 0, 0], "Normal": [0, 0, 0]}
+    samples = analysis.split_samples(synth_root, "test", None)
+    reader = PngReader()
+    infected_rows = {}
+    for cls, counts in rows_of.items():
+        mine = [s for s in samples if s.cls == cls]
+        assert len(mine) == len(counts)
+        for sample, k in zip(mine, counts, strict=True):
+            infected_rows[reader.image(sample).tobytes()] = (sample.id, k)
+    assert len(infected_rows) == len(samples)  # each image told apart by its pixels
+
+    def stage_outputs(stages: object, images: list[np.ndarray], device: object) -> list[tuple]:
+        out = []
+        for image in images:
+            _, k = infected_rows[image.tobytes()]
+            assert image.shape == (48, 48)
+            infection = np.zeros(image.shape, bool)
+            infection[:k] = True
+            out.append((np.ones(image.shape, bool), infection, None))
+        return out
+
+    captions: list[str] = []
+    caption = analysis.caption
+    monkeypatch.setattr(analysis, "stage_outputs", stage_outputs)
+    monkeypatch.setattr(
+        analysis, "caption", lambda img, text: captions.append(text) or caption(img, text)
+    )
+    legends: list[str] = []
+    save = Figure.savefig
+
+    def savefig(fig: Figure, *a: object, **k: object) -> None:
+        legends.extend(
+            t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()
+        )
+        save(fig, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+
+    models = [f"lung_ckpt={checkpoints['lung']}", f"infection_ckpt={checkpoints['infection']}"]
+    args = [f"data.root={synth_root}", "split=test", "detect.threshold=25", "detect.n_boot=10"]
+    analysis.analyze(compose_config("analyze", [*models, *args, "data.num_workers=0"], tmp_path))
+    metrics, rows = read_metrics(tmp_path), read_csv(tmp_path / analysis.ANALYSIS_FILE)
+
+    by_id = {i: k for i, k in infected_rows.values()}
+    assert [float(r["covid_score"]) for r in rows] == [100 * by_id[r["id"]] / 48 for r in rows]
+    on_threshold = [r for r in rows if float(r["covid_score"]) == 25.0]
+    assert {r["class"] for r in on_threshold} == {"COVID-19", "Non-COVID"}
+    for row in rows:
+        assert int(row["covid"]) == int(by_id[row["id"]] >= 12), row
+    assert len(captions) == len(rows)  # one overlay per image, in the rows' order
+    for row, text in zip(rows, captions, strict=True):
+        assert text.endswith("COVID-19 yes" if row["covid"] == "1" else "COVID-19 no"), (row, text)
+
+    called = np.array([int(r["covid"]) for r in rows], bool)
+    truth = np.array([int(r["true_covid"]) for r in rows], bool)
+    tp, fn = int((called & truth).sum()), int((~called & truth).sum())
+    tn, fp = int((~called & ~truth).sum()), int((called & ~truth).sum())
+    assert (tp, fn, tn, fp) == (2, 1, 5, 1)
+    assert metrics["detect/threshold"] == 25.0
+    assert metrics["detect/sensitivity"] == pytest.approx(tp / (tp + fn))
+    assert metrics["detect/specificity"] == pytest.approx(tn / (tn + fp))
+    assert f"threshold 25: sens {tp / (tp + fn):.3f}, spec {tn / (tn + fp):.3f}" in legends

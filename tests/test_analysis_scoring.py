@@ -245,6 +245,23 @@ def test_pearson_of_linear_and_constant() -> None:
     assert math.isnan(severity_metrics([1, 2, 3], [7] * 3, g[:3], g[:3], THREE)["pearson"])
 
 
+def test_pearson_by_hand_is_not_spearman() -> None:
+    """Pearson's r of the values themselves, not of their ranks: shares where the two differ.
+
+    True [0, 10, 20, 70] (mean 25) and predicted [10, 20, 60, 30] (mean 30): deviations
+    (-25, -15, -5, 45) and (-20, -10, 30, 0); products sum to 500 + 150 - 150 + 0 = 500, sums
+    of squares 2900 and 1400, so r = 500 / sqrt(2900 * 1400) = 5 / sqrt(406) ~ 0.248. Their
+    ranks (1, 2, 3, 4) and (1, 2, 4, 3) would give Spearman's 0.8.
+    """
+    true, pred = [0.0, 10.0, 20.0, 70.0], [10.0, 20.0, 60.0, 30.0]
+    g = ["none"] * 4
+    r = severity_metrics(pred, true, g, g, THREE)["pearson"]
+    assert r == approx(5 / math.sqrt(406), rel=1e-12)
+    assert r == approx(float(np.corrcoef(pred, true)[0, 1]), rel=1e-12)
+    ranks = [np.argsort(np.argsort(v)).astype(float) for v in (pred, true)]
+    assert float(np.corrcoef(*ranks)[0, 1]) == approx(0.8)  # Spearman: far from r
+
+
 def test_grade_kappa_quadratic_by_hand() -> None:
     # Grades none < mild < severe = 0, 1, 2; quadratic disagreement (i - j)^2 (its scale
     # cancels). Pairs (true, pred): (0,0) (0,1) (1,1) (1,1) (2,2) (2,0).

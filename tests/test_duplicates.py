@@ -129,6 +129,36 @@ def test_the_tree_without_the_plant_exits_0_and_hashes_are_cached(
     assert json.loads(capsys.readouterr().out) == report
 
 
+def _flip(row: np.ndarray, bits: int, offset: int) -> np.ndarray:
+    """``row`` (4 uint64 words) with ``bits`` bits flipped, spread over all four words."""
+    flat = np.unpackbits(row.view(np.uint8)).copy()
+    where = (offset + np.arange(bits) * 5) % duplicates.HASH_BITS  # 5 is prime to 256: distinct
+    flat[where] ^= 1
+    return np.packbits(flat).view(np.uint64)
+
+
+def test_near_pairs_include_exactly_max_distance_and_not_one_bit_more() -> None:
+    """The limit is inclusive, as ``--max-distance`` documents: a pair ``max_distance`` bits apart
+    is listed with its distance, one a bit further is not, across a block of comparisons too."""
+    rng = np.random.default_rng(0)
+    n = duplicates.BLOCK + 6  # the pairs straddle the first block of rows and the second
+    hashes = rng.integers(0, 2**63, (n, 4), dtype=np.int64).astype(np.uint64)
+    hashes[n - 2] = _flip(hashes[1], 52, 3)  # exactly at the default limit
+    hashes[n - 1] = _flip(hashes[2], 53, 7)  # one bit beyond it
+    # random rows are ~128 bits apart: no other pair comes near
+    ii, jj, dd = duplicates.near_pairs(hashes, 52)
+    assert list(zip(ii.tolist(), jj.tolist(), dd.tolist(), strict=True)) == [(1, n - 2, 52)]
+    ii, jj, dd = duplicates.near_pairs(hashes, 53)
+    assert sorted(zip(ii.tolist(), jj.tolist(), dd.tolist(), strict=True)) == [
+        (1, n - 2, 52),
+        (2, n - 1, 53),
+    ]
+    assert len(duplicates.near_pairs(hashes, 51)[0]) == 0
+    # identical hashes pair at 0; a single differing bit does not
+    same = np.stack([hashes[0], hashes[0], _flip(hashes[0], 1, 200)])
+    assert [a.tolist() for a in duplicates.near_pairs(same, 0)] == [[0], [1], [0]]
+
+
 def test_a_missing_root_or_a_bad_distance_exits_2(tmp_path, capsys):
     assert data_main(["duplicates", str(tmp_path / "nowhere"), "--cache-dir", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err

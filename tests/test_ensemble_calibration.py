@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -26,7 +28,7 @@ from covidqu.errors import CheckpointError, ConfigError
 from covidqu.eval.run import datamodule_for, evaluate
 from covidqu.models import calibration
 from covidqu.models.checkpoint import load_module
-from covidqu.models.ensemble import load_model
+from covidqu.models.ensemble import load_model, temperatures
 from covidqu.models.metrics import ClassificationMetrics
 from covidqu.predict.run import predict, prepare
 from covidqu.runtime.checks import preflight
@@ -207,6 +209,56 @@ def test_ece_matches_a_hand_computation() -> None:
     )
 
 
+def _printed_ece(monkeypatch: pytest.MonkeyPatch, *args: Any, **kwargs: Any) -> float:
+    """The ECE :func:`calibration.plot_reliability` writes in its diagram's title."""
+    from matplotlib.figure import Figure
+
+    titles: list[str] = []
+    save = Figure.savefig
+
+    def savefig(fig: Figure, *a: Any, **k: Any) -> None:
+        titles.append(fig.axes[0].get_title())
+        save(fig, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    calibration.plot_reliability(*args, **kwargs)
+    (title,) = titles
+    found = re.search(r"ECE (\d+\.\d+) over", title)
+    assert found, title
+    return float(found.group(1))
+
+
+def test_the_reliability_diagram_prints_the_count_weighted_ece(monkeypatch, tmp_path) -> None:
+    """The diagram's ECE is the one metrics.json reports: each bin's gap weighted by its count.
+    The bins hold 40, 8 and 2 images, so a plain mean over bins would read about 0.3, not 0.1."""
+    confident = np.linspace(0.94, 0.99, 40)  # bin 15 of 15: 36 of 40 right
+    middling = np.linspace(0.74, 0.78, 8)  # bin 12: 4 of 8 right
+    unsure = np.array([0.61, 0.63])  # bin 10: both wrong
+    top = np.concatenate([confident, middling, unsure])
+    correct = np.array([1] * 36 + [0] * 4 + [1, 0] * 4 + [0, 0])
+    target = torch.zeros(len(top), dtype=torch.long)
+    target[correct == 0] = 1  # class 0 holds the top probability: right where the truth is 0
+    probs = torch.tensor(np.stack([top, 1 - top], axis=1))
+    expected = calibration.ece(probs, target)
+    mean_conf, accuracy, counts = calibration.reliability_bins(top, correct)
+    assert sorted(counts[counts > 0].tolist()) == [2, 8, 40]
+    unweighted = float(np.nanmean(np.abs(accuracy - mean_conf)))
+    assert abs(unweighted - expected) > 0.1
+    printed = _printed_ece(monkeypatch, top, correct, tmp_path / "eval.png")
+    assert printed == pytest.approx(expected, abs=5e-4)
+
+    # analyze's diagram: a probability of COVID-19 against the share of COVID-19 images
+    monkeypatch.undo()
+    rng = np.random.default_rng(0)
+    probability = np.concatenate([rng.uniform(0.01, 0.06, 60), [0.45, 0.5], rng.uniform(0.9, 1, 8)])
+    truth = np.array([0] * 57 + [1] * 3 + [1, 1] + [1] * 5 + [0] * 3)
+    expected = calibration.binary_ece(probability, truth)
+    mean_conf, accuracy, counts = calibration.reliability_bins(probability, truth)
+    assert abs(float(np.nanmean(np.abs(accuracy - mean_conf))) - expected) > 0.1
+    printed = _printed_ece(monkeypatch, probability, truth, tmp_path / "detect.png")
+    assert printed == pytest.approx(expected, abs=5e-4)
+
+
 @pytest.fixture(scope="module")
 def calibrated(classifiers, evals, module_tmp) -> tuple[Path, dict, list[dict]]:
     """A copy of the first classifier, evaluated with calibrate=true."""
@@ -283,6 +335,44 @@ def test_a_stale_or_broken_sidecar(calibrated, classifiers, tmp_path, caplog) ->
     calibration.sidecar_path(retrained).write_text("{not json")
     with pytest.raises(CheckpointError, match=r"calibration\.json"):
         load_module(retrained)
+
+
+@torch.no_grad()
+def test_an_ensemble_applies_each_members_own_temperature(
+    classifiers, synth_root, tmp_path
+) -> None:
+    """Each member's probabilities come from its own logits over its own temperature: the
+    ensemble's are the mean of ``softmax(logits_i / T_i)``, which neither one temperature for
+    both members nor a member left at 1 would give."""
+    chosen = (0.2, 0.05)  # below 1: an untrained network's small logits grow apart
+    copies = []
+    for src, temperature in zip(classifiers, chosen, strict=True):
+        dst = tmp_path / src.parent.parent.name / "best.ckpt"
+        dst.parent.mkdir(parents=True)
+        shutil.copy(src, dst)
+        weights = torch.load(dst, map_location="cpu", weights_only=True)["state_dict"]
+        record = {
+            "temperature": temperature,
+            "fingerprint": calibration.weights_fingerprint(weights),
+        }
+        calibration.write_sidecar(dst, record)
+        copies.append(dst)
+    ensemble = load_model([str(p) for p in copies])
+    assert temperatures(ensemble) == list(chosen)
+
+    plain = [load_module(p) for p in classifiers]  # the same weights, no sidecar: T = 1
+    assert [m.temperature for m in plain] == [1.0, 1.0]
+    dm = datamodule_for(plain[0].recipe["preprocess"], synth_root, num_workers=0)
+    image = next(iter(dm.dataloader("test")))["image"]
+    logits = [m(image).double() for m in plain]
+
+    def mean_of(t_a: float, t_b: float) -> torch.Tensor:
+        return (torch.softmax(logits[0] / t_a, 1) + torch.softmax(logits[1] / t_b, 1)) / 2
+
+    got = ensemble.predict_probabilities(image).double()
+    torch.testing.assert_close(got, mean_of(*chosen), atol=1e-6, rtol=0)
+    for wrong in ((0.2, 0.2), (0.05, 0.05), (0.2, 1.0), (1.0, 0.05), (1.0, 1.0)):
+        assert (mean_of(*wrong) - mean_of(*chosen)).abs().max() > 1e-2, wrong
 
 
 def test_calibrate_is_refused_where_it_cannot_work(classifiers, multiclass_ckpt, tmp_path):

@@ -163,6 +163,37 @@ def test_a_changed_tree_is_packed_again_and_an_unchanged_one_is_not(synth_copy, 
         reader.image(b)
 
 
+def test_two_sizes_of_one_tree_are_packed_apart_and_each_read_at_its_own_size(synth_root, tmp_path):
+    """A second size gets its own folder and fingerprint beside the first, which stays as it
+    was; each is read back at its own height x width, whichever was packed last."""
+    from covidqu.data.readers import read_image
+
+    index = scan(synth_root, subsets=["lung"])
+    sample = index.select(split="val")[2]
+    a = ensure_packed(index, "lung", SIZE, tmp_path)
+    manifest_a = (a.folder / packed.MANIFEST).read_text()
+    b = ensure_packed(index, "lung", (40, 24), tmp_path)  # not square: height and width apart
+    assert a.built and b.built
+    assert a.folder.parent != b.folder.parent and b.folder.parent.name.startswith("lung-40x24-")
+    assert packed_dirs(tmp_path) == sorted([a.folder.parent, a.folder, b.folder.parent, b.folder])
+    assert (a.folder / packed.MANIFEST).read_text() == manifest_a  # not rebuilt, not overwritten
+    manifests = [json.loads((p / packed.MANIFEST).read_text()) for p in (a.folder, b.folder)]
+    assert manifests[0]["fingerprint"] != manifests[1]["fingerprint"]
+    assert [m["size"] for m in manifests] == [[SIZE, SIZE], [40, 24]]
+    assert np.load(b.folder / "train.images.npy").shape == (9, 40, 24)
+    assert np.load(b.folder / "val.lung.npy").shape == (9, 40, 24)
+
+    again = ensure_packed(index, "lung", SIZE, tmp_path)  # size A after packing size B
+    assert not again.built and again.folder == a.folder
+    for size, folder in ((SIZE, a.folder), ((40, 24), b.folder)):
+        reader = PackedReader(folder)
+        hw = packed._hw(size)
+        expected = packed._resize(hw)(image=read_image(sample.image))["image"]
+        assert reader.size == hw
+        assert np.array_equal(reader.image(sample), expected), size
+        assert reader.mask(sample, "lung").shape == hw
+
+
 def _pack_slowly(root: str, cache: str, barrier, results) -> None:
     """One of two processes racing for the same cache; the build is slowed so that they meet."""
     import time

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import yaml
 
 from covidqu.report import main as report_main
 
-from pipeline_helpers import TINY, read_csv, read_metrics, run_module
+from pipeline_helpers import PROJECT_ROOT, TINY, read_csv, read_metrics, run_module
 
 #: Short jobs: one epoch of two batches, one batch to validate and test.
 SHORT = [
@@ -160,6 +163,86 @@ def test_failed_trials_do_not_crash_optuna(synth_root, tmp_path):
     assert "Traceback" not in proc.stderr
     assert all((j / "failure.txt").is_file() for j in job_dirs(out))
     assert len(job_dirs(out)) == 2
+
+
+#: ``python -m covidqu.train`` with Optuna's study kept: the trials argv[2] gives (JSON: a list
+#: of parameter dicts) are enqueued first, and every trial's number, state, value and parameters,
+#: with the best trial's number, are written as JSON to argv[1] when the sweep ends (the study
+#: lives in memory only: optuna's own SQLite storage needs an older SQLAlchemy).
+RECORD_STUDY = """
+import atexit, json, runpy, sys
+import optuna
+path, queue = sys.argv.pop(1), json.loads(sys.argv.pop(1))
+studies = []
+create = optuna.create_study
+def keep(*args, **kwargs):
+    studies.append(create(*args, **kwargs))
+    for params in queue:
+        studies[-1].enqueue_trial(params)
+    return studies[-1]
+optuna.create_study = keep
+def dump():
+    (study,) = studies
+    trials = [
+        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
+        for t in study.trials
+    ]
+    completed = [t for t in study.trials if t.state.name == "COMPLETE"]
+    best = study.best_trial.number if completed else None
+    with open(path, "w") as fh:
+        json.dump({"direction": study.direction.name, "trials": trials, "best": best}, fh)
+atexit.register(dump)
+runpy.run_module("covidqu.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_optuna_records_a_failed_trial_as_the_worst_never_the_best(synth_root, tmp_path):
+    """A job that fails returns the worst value for the direction (-inf when maximising
+    val/dice), so Optuna ranks it last: the study's best trial, and optimization_results.yaml,
+    are the completed one's. The two trials are enqueued: cross-entropy first, which refuses
+    the binary lung mask at its first step, so that trial fails; then the Dice loss."""
+    out, record = tmp_path / "sweep", tmp_path / "study.json"
+    args = [
+        "-m",
+        *SHORT,
+        "trainer.limit_val_batches=1",
+        "test=false",
+        f"data.root={synth_root}",
+        f"hydra.sweep.dir={out}",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.params.loss='choice(dice, ce)'",
+    ]
+    # every searched parameter given (encoder and batch size are fixed by TINY's overrides)
+    queue = [{"optimizer.lr": 1e-3, "augment": "none", "loss": loss} for loss in ("ce", "dice")]
+    env = {k: v for k, v in os.environ.items() if k != "COVIDQU_ROOT"}
+    env.update(PYTHONUNBUFFERED="1", PROJECT_ROOT=str(tmp_path / "project"))
+    proc = subprocess.run(
+        [sys.executable, "-c", RECORD_STUDY, str(record), json.dumps(queue), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=PROJECT_ROOT,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a job failed: the sweep says so
+    study = json.loads(record.read_text())
+    assert study["direction"] == "MAXIMIZE"
+    by_loss = {t["params"]["loss"]: t for t in study["trials"]}
+    assert sorted(by_loss) == ["ce", "dice"]
+    failed, completed = by_loss["ce"], by_loss["dice"]
+    assert failed["state"] == "FAIL" or failed["value"] == -math.inf, failed
+    assert completed["state"] == "COMPLETE" and math.isfinite(completed["value"]), completed
+    assert study["best"] == completed["number"]
+
+    jobs = job_dirs(out)
+    assert len(jobs) == 2
+    done = [j for j in jobs if (j / "metrics.json").is_file()]
+    assert len(done) == 1 and sum((j / "failure.txt").is_file() for j in jobs) == 1
+    assert completed["value"] == pytest.approx(read_metrics(done[0])["val/dice"])
+    results = yaml.safe_load((out / "optimization_results.yaml").read_text())
+    assert results["best_params"]["loss"] == "dice"
+    assert results["best_value"] == pytest.approx(completed["value"])
 
 
 def test_ddp_cpu_inside_a_sweep_counts_every_test_image_once(synth_root, tmp_path):
