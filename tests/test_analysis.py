@@ -80,7 +80,9 @@ def test_a_perfect_lung_model_and_a_known_infection_give_severity_and_grade(monk
     infection[0, :] = 1.0  # above the lung: left out
     stages = stage_lib.Stages(lung=_module("lung"), infection=_module("infection"))
     probs = {id(stages.lung): lung[None, None], id(stages.infection): infection[None, None]}
-    monkeypatch.setattr(analysis, "probabilities", lambda module, images, device: probs[id(module)])
+    monkeypatch.setattr(
+        stage_lib, "probabilities", lambda module, images, device: probs[id(module)]
+    )
     image = np.zeros((16, 16), np.uint8)
     ((pred_lung, pred_inf),) = stage_lib.segment(stages, [image], "cpu")
     assert np.array_equal(pred_lung, lung > 0)
@@ -99,7 +101,7 @@ def test_one_multiclass_model_serves_both_stages(monkeypatch) -> None:
     label[:, :4] = 1  # lung
     label[:2, :4] = 2  # infection, inside the lung
     probs = np.eye(3, dtype=np.float32)[label].transpose(2, 0, 1)[None]
-    monkeypatch.setattr(analysis, "probabilities", lambda module, images, device: probs)
+    monkeypatch.setattr(stage_lib, "probabilities", lambda module, images, device: probs)
     ((lung, infection),) = stage_lib.segment(stages, [np.zeros((8, 8), np.uint8)], "cpu")
     assert lung.sum() == 32 and infection.sum() == 8  # the lung includes its infection
     assert stage_lib.judge(lung, infection, CUTOFFS, 1.0)["severity_pct"] == pytest.approx(25.0)
@@ -261,7 +263,7 @@ def test_a_score_exactly_at_the_threshold_is_called_covid_everywhere(
     # infected rows of 48 per test image: COVID-19 at 50 %, 25 % (on the threshold), 12.5 %;
     # one Non-COVID image on the threshold too (a false positive), the rest clean
     rows_of = {"COVID-19": [24, 12, 6], "Non-COVID": [12, 0, 0], "Normal": [0, 0, 0]}
-    samples = analysis.split_samples(synth_root, "test", None)
+    samples = stage_lib.split_samples(synth_root, "test", None)
     reader = PngReader()
     infected_rows = {}
     for cls, counts in rows_of.items():
@@ -282,10 +284,10 @@ def test_a_score_exactly_at_the_threshold_is_called_covid_everywhere(
         return out
 
     captions: list[str] = []
-    caption = analysis.caption
-    monkeypatch.setattr(analysis, "stage_outputs", stage_outputs)
+    caption = stage_lib.caption
+    monkeypatch.setattr(stage_lib, "stage_outputs", stage_outputs)
     monkeypatch.setattr(
-        analysis, "caption", lambda img, text: captions.append(text) or caption(img, text)
+        stage_lib, "caption", lambda img, text: captions.append(text) or caption(img, text)
     )
     legends: list[str] = []
     save = Figure.savefig

@@ -32,6 +32,7 @@ from covidqu.models.ensemble import load_model, temperatures
 from covidqu.models.metrics import ClassificationMetrics
 from covidqu.predict.run import predict, prepare
 from covidqu.runtime.checks import preflight
+from covidqu.scoring import calibration as figures
 from covidqu.scoring.calibration import binary_ece, ece
 from covidqu.train.run import build
 
@@ -210,7 +211,7 @@ def test_ece_matches_a_hand_computation() -> None:
 
 
 def _printed_ece(monkeypatch: pytest.MonkeyPatch, *args: Any, **kwargs: Any) -> float:
-    """The ECE :func:`calibration.plot_reliability` writes in its diagram's title."""
+    """The ECE :func:`figures.plot_reliability` writes in its diagram's title."""
     from matplotlib.figure import Figure
 
     titles: list[str] = []
@@ -221,7 +222,7 @@ def _printed_ece(monkeypatch: pytest.MonkeyPatch, *args: Any, **kwargs: Any) -> 
         save(fig, *a, **k)
 
     monkeypatch.setattr(Figure, "savefig", savefig)
-    calibration.plot_reliability(*args, **kwargs)
+    figures.plot_reliability(*args, **kwargs)
     (title,) = titles
     found = re.search(r"ECE (\d+\.\d+) over", title)
     assert found, title
@@ -239,8 +240,8 @@ def test_the_reliability_diagram_prints_the_count_weighted_ece(monkeypatch, tmp_
     target = torch.zeros(len(top), dtype=torch.long)
     target[correct == 0] = 1  # class 0 holds the top probability: right where the truth is 0
     probs = torch.tensor(np.stack([top, 1 - top], axis=1))
-    expected = calibration.ece(probs, target)
-    mean_conf, accuracy, counts = calibration.reliability_bins(top, correct)
+    expected = figures.ece(probs, target)
+    mean_conf, accuracy, counts = figures.reliability_bins(top, correct)
     assert sorted(counts[counts > 0].tolist()) == [2, 8, 40]
     unweighted = float(np.nanmean(np.abs(accuracy - mean_conf)))
     assert abs(unweighted - expected) > 0.1
@@ -252,8 +253,8 @@ def test_the_reliability_diagram_prints_the_count_weighted_ece(monkeypatch, tmp_
     rng = np.random.default_rng(0)
     probability = np.concatenate([rng.uniform(0.01, 0.06, 60), [0.45, 0.5], rng.uniform(0.9, 1, 8)])
     truth = np.array([0] * 57 + [1] * 3 + [1, 1] + [1] * 5 + [0] * 3)
-    expected = calibration.binary_ece(probability, truth)
-    mean_conf, accuracy, counts = calibration.reliability_bins(probability, truth)
+    expected = figures.binary_ece(probability, truth)
+    mean_conf, accuracy, counts = figures.reliability_bins(probability, truth)
     assert abs(float(np.nanmean(np.abs(accuracy - mean_conf))) - expected) > 0.1
     printed = _printed_ece(monkeypatch, probability, truth, tmp_path / "detect.png")
     assert printed == pytest.approx(expected, abs=5e-4)

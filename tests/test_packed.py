@@ -188,7 +188,7 @@ def test_two_sizes_of_one_tree_are_packed_apart_and_each_read_at_its_own_size(sy
     for size, folder in ((SIZE, a.folder), ((40, 24), b.folder)):
         reader = PackedReader(folder)
         hw = packed._hw(size)
-        expected = packed._resize(hw)(image=read_image(sample.image))["image"]
+        expected = pack_workers._resize(hw)(image=read_image(sample.image))["image"]
         assert reader.size == hw
         assert np.array_equal(reader.image(sample), expected), size
         assert reader.mask(sample, "lung").shape == hw
