@@ -30,7 +30,7 @@ from covidqu.models.ensemble import load_model
 from covidqu.models.figures import caption, tint
 from covidqu.runtime import outputs
 from covidqu.runtime.inputs import output_names, probabilities
-from covidqu.scoring.detection import detection_score
+from covidqu.scoring.detection import called, detection_score
 from covidqu.scoring.severity import grade, infected_share
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def judge(
     row = {
         "severity_pct": share,
         "grade": grade(share, cutoffs),
-        "covid": int(covid_score >= threshold),
+        "covid": int(called(covid_score, threshold)),
         "covid_score": covid_score,
     }
     if p_covid is not None:

@@ -22,6 +22,7 @@ thousand resamples at once, as weighted counts (see :func:`weighted_auroc`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -30,6 +31,13 @@ from covidqu.scoring.inputs import binary_inputs, check_threshold
 
 #: The detection figures; :func:`detection_metrics` adds ``<key>_ci_low`` / ``<key>_ci_high``.
 DETECTION_KEYS: tuple[str, ...] = ("sensitivity", "specificity", "accuracy", "f1", "auroc")
+
+
+def called(score: ArrayLike, threshold: float) -> Any:
+    """Whether ``score`` calls COVID-19 at ``threshold``: ``score >= threshold``, so an image
+    exactly at the threshold is called. The one comparison every per-image call, figure and plot
+    makes (element-wise for an array of scores)."""
+    return np.asarray(score) >= threshold
 
 
 def detection_score(share: float, p_covid: float | None, score: str) -> float:
@@ -201,7 +209,7 @@ def detection_metrics(
         raise ValueError(f"{who}: n_boot must be a whole number >= 1, got {n_boot!r}")
     if not 0.0 < ci < 1.0:
         raise ValueError(f"{who}: ci is the interval's coverage, in (0, 1); got {ci!r}")
-    pred = s >= threshold
+    pred = called(s, threshold)
 
     point = _detection_figures(np.ones((1, s.size)), s, t, pred)
     blocks = [

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from covidqu.scoring.detection import operating_points, weighted_auroc
+from covidqu.scoring.detection import called, operating_points, weighted_auroc
 from covidqu.scoring.inputs import binary_inputs, check_threshold, grade_indices, vector
 from covidqu.scoring.severity import confusion_counts, mae, pearson
 
@@ -60,7 +60,7 @@ def plot_roc(scores: ArrayLike, truth: ArrayLike, threshold: float, path: str | 
     _, tp, tn = operating_points(s, t)
     tpr, fpr = tp[::-1] / n_pos, 1.0 - tn[::-1] / n_neg  # from "call nothing" to "call all"
     area = float(weighted_auroc(np.ones((1, s.size)), s, t)[0])
-    pred = s >= threshold
+    pred = called(s, threshold)
     sens = float((pred & t).sum() / n_pos)
     spec = float((~pred & ~t).sum() / n_neg)
 
