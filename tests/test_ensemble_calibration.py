@@ -25,7 +25,8 @@ import torch
 from covidqu.analyze import run as analysis
 from covidqu.data.transforms import build_transform
 from covidqu.errors import CheckpointError, ConfigError
-from covidqu.eval.run import datamodule_for, evaluate
+from covidqu.eval.run import evaluate
+from covidqu.eval.split import datamodule_for
 from covidqu.models import calibration
 from covidqu.models.checkpoint import load_module
 from covidqu.models.ensemble import load_model, temperatures

@@ -116,7 +116,7 @@ def _test_figures(ckpt: Path, root: Path) -> dict[str, float]:
     """Test figures of one checkpoint, scored on its own as ``covidqu.eval`` scores it."""
     import pytorch_lightning as pl
 
-    from covidqu.eval.run import datamodule_for
+    from covidqu.eval.split import datamodule_for
     from covidqu.models.checkpoint import load_module, preprocessing
 
     module = load_module(ckpt)

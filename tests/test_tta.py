@@ -17,7 +17,8 @@ from covidqu.analyze import run as analysis
 from covidqu.analyze import stages as stage_lib
 from covidqu.data.transforms import build_transform
 from covidqu.errors import ConfigError
-from covidqu.eval.run import datamodule_for, evaluate
+from covidqu.eval.run import evaluate
+from covidqu.eval.split import datamodule_for
 from covidqu.models.checkpoint import load_module
 from covidqu.models.metrics import SegmentationMetrics
 from covidqu.models.segmentation import SegmentationModule

@@ -31,7 +31,7 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] = ()) -> None
 
         check_calibrate(cfg.ckpt_path)
     check_output_dir(out_dir, "hydra.run.dir")
-    from covidqu.eval.run import datamodule_for
+    from covidqu.eval.split import datamodule_for
 
     with user_errors():
         datamodule = datamodule_for(recipe["preprocess"], cfg.data.get("root"))
