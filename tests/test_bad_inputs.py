@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
-import hydra
 import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from tests.pipeline_helpers import CONF, QUICK, compose_config
+from tests.pipeline_helpers import QUICK, compose_config
 
 
 @dataclass
@@ -57,6 +56,10 @@ CASES: tuple[Case, ...] = (
     # train: config values and choices
     Case("unknown-model", "train", ("model=nonexistent",), ("model", "nonexistent")),
     Case("unknown-key", "train", ("trainer.nonexistent=1",), ("trainer.nonexistent",)),
+    Case("key-typo", "train", ("trainer.max_epoch=1",), ("trainer.max_epoch", "+trainer")),
+    Case("group-typo", "train", ("model=unett",), ("model/unett", "unetplusplus")),
+    Case("override-syntax", "train", ("trainer.devices=[1",), ("[1",)),
+    Case("eval-group-typo", "eval", ("trainer=gpuu",), ("trainer/gpuu", "ddp_cpu")),
     Case("lr-not-a-number", "train", ("optimizer.lr=abc",), ("optimizer.lr",)),
     Case("lr-negative", "train", ("optimizer.lr=-0.1",), ("optimizer.lr",)),
     Case("batch-size-zero", "train", ("data.batch_size=0",), ("data.batch_size",)),
@@ -281,10 +284,7 @@ def run_command(command: str, args: list[str]) -> int:
     try:
         if command in ("report", "data"):
             return int(module.main(args) or 0)
-        # the entry point's own task function under the same decorator; only the config path
-        # is given absolutely (Hydra finds ../conf from a module run as __main__ only)
-        task = module.main.__wrapped__
-        hydra.main(version_base="1.3", config_path=str(CONF), config_name=command)(task)()
+        module.main()  # the entry point itself: Hydra reads sys.argv
     except SystemExit as stop:
         code = stop.code
         return code if isinstance(code, int) else 1
@@ -323,6 +323,9 @@ def test_a_bad_input_gets_a_clear_error(case: Case, world: World, capfd, monkeyp
     text = out + err
 
     assert code != 0, f"exit 0 for {args}:\n{text[-3000:]}"
+    if case.command not in ("report", "data"):  # those two have exit codes of their own
+        assert code == 2, f"exit {code}, not 2, for {args}:\n{text[-3000:]}"
+        assert "error: " in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     for name in case.names:
         assert _fill(name, world, case.command) in text, f"{name!r} not named:\n{text[-3000:]}"

@@ -14,7 +14,6 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -27,7 +26,7 @@ from covidqu.export import run as export_lib
 from covidqu.models.checkpoint import load_module, preprocessing
 from covidqu.train.run import train
 
-from pipeline_helpers import CONF, QUICK, compose_config
+from pipeline_helpers import QUICK, compose_config
 
 
 def _checkpoint(root: Path, out: Path, *extra: str) -> Path:
@@ -54,10 +53,7 @@ def run_export(args: list[str], run_dir: Path) -> int:
     argv = sys.argv
     sys.argv = ["covidqu.export", *args, f"hydra.run.dir={run_dir}"]
     try:
-        # the entry point's own task function; only the config path is given absolutely
-        hydra.main(version_base="1.3", config_path=str(CONF), config_name="export")(
-            export.main.__wrapped__
-        )()
+        export.main()  # the entry point itself: Hydra reads sys.argv
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 1
     finally:
