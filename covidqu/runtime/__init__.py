@@ -1,1 +1,4 @@
-"""Library code behind the entry points: training, evaluation, prediction and their outputs."""
+"""What every run shares, whichever command runs it: the entry point and its error exits, the
+up-front checks, the config read back, callbacks, loggers, interrupts, DDP under Hydra, the
+files a run leaves, and the images a user hands a command. Nothing here knows which command or
+task runs (see docs/architecture.md)."""

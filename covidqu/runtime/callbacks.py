@@ -1,4 +1,5 @@
-"""Lightning callbacks of the training pipeline."""
+"""Lightning callbacks every training run may list (conf/callbacks/): pictures and confusion
+matrices of validation in W&B."""
 
 from __future__ import annotations
 
