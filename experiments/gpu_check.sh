@@ -1,60 +1,119 @@
 #!/usr/bin/env bash
-# The GPU paths in one short script, for a machine with CUDA: bf16 + channels_last, compile,
-# DDP on GPUs when there are two or more, the packed cache and batched augmentation on the GPU,
-# and the speed benchmarks on the GPU (whether loading starves it).
-#   bash experiments/gpu_check.sh [OUT]      (a few minutes on one recent GPU)
-# Each run writes metrics.json under OUT; the last step prints them all side by side.
-set -euo pipefail
+# The GPU paths in one script, for a machine with CUDA: bf16 with channels-last on every task,
+# torch.compile, the packed cache with uint8 batches and batched augmentation on the device,
+# DDP on the GPU (one process per GPU; with one GPU, a world of one: NCCL, the distributed
+# sampler and the gathered test rows), evaluation in bf16, and the speed benchmarks on the GPU
+# (the framework against a hand-written loop, and how much of an epoch waits on data).
+#
+#   bash experiments/gpu_check.sh [OUT]          # a few minutes on one recent GPU
+#   GPU_CHECK_FULL=1 bash experiments/gpu_check.sh [OUT]   # larger benchmarks, more configs
+#
+# Each run writes metrics.json under OUT; the last step prints them side by side
+# (python -m covidqu.report OUT). A step that fails is reported and the others go on; the script
+# exits 1 if any failed. Every step's output goes to OUT/<step>.log, and a summary with each
+# step's status and seconds to OUT/summary.txt.
+set -uo pipefail
 out="${1:-/tmp/covidqu-gpu-check}"
 py="${PYTHON:-python}"
+full="${GPU_CHECK_FULL:-0}"
+mkdir -p "$out"
+summary="$out/summary.txt"
+: >"$summary"
+failed=0
+
+step() {  # step NAME COMMAND...: run it, log it, time it, never stop the script
+    local name=$1
+    shift
+    local t0=$SECONDS
+    echo "== $name: $*" | tee -a "$out/$name.log"
+    if "$@" >>"$out/$name.log" 2>&1; then
+        echo "ok     $((SECONDS - t0))s  $name" | tee -a "$summary"
+    else
+        echo "FAILED $((SECONDS - t0))s  $name (see $name.log)" | tee -a "$summary"
+        tail -n 30 "$out/$name.log"
+        failed=1
+    fi
+}
+
 n_gpu=$("$py" -c "import torch; print(torch.cuda.device_count())")
 if [[ "$n_gpu" -lt 1 ]]; then
     echo "gpu_check: no CUDA device visible; nothing to check" >&2
     exit 2
 fi
-"$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0), 'bf16:', torch.cuda.is_bf16_supported())"
-"$py" -m covidqu.data synth "$out/data" --per-class 40 --size 256 --seed 0 --force
+"$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0), \
+'bf16:', torch.cuda.is_bf16_supported(), 'GPUs:', torch.cuda.device_count())" | tee -a "$summary"
+workers=$(("$(nproc)" < 8 ? "$(nproc)" : 8))
+
+step synth "$py" -m covidqu.data synth "$out/data" --per-class 40 --size 256 --seed 0 --force
 common=(data.root="$out/data" encoder=resnet34 encoder.weights=null data.image_size=256
-        data.batch_size=16 data.num_workers=8 trainer.max_epochs=3 callbacks.progress_bar=null)
+    data.batch_size=16 data.num_workers="$workers" trainer.max_epochs=2
+    callbacks.progress_bar=null logger=csv)
+train() { "$py" -m covidqu.train "$@"; }
 
 # bf16 mixed precision with channels-last convolutions, on every task
-"$py" -m covidqu.train trainer=gpu module.channels_last=true "${common[@]}" hydra.run.dir="$out/lung_bf16_cl"
-"$py" -m covidqu.train task=infection trainer=gpu module.channels_last=true "${common[@]}" \
-    hydra.run.dir="$out/infection_bf16_cl"
-"$py" -m covidqu.train task=classify trainer=gpu "${common[@]}" hydra.run.dir="$out/classify_bf16"
-# the packed cache and batched augmentation on the device
-"$py" -m covidqu.data pack "$out/data" --size 256 --cache-dir "$out/cache"
-"$py" -m covidqu.train trainer=gpu module.channels_last=true data.cache=packed \
-    data.cache_dir="$out/cache" data.normalise=device augment=gpu_light "${common[@]}" hydra.run.dir="$out/lung_packed_gpu_light"
-"$py" -m covidqu.train task=infection trainer=gpu data.cache=packed data.cache_dir="$out/cache" \
-    augment=gpu_strong "${common[@]}" hydra.run.dir="$out/infection_packed_gpu_strong"
+step lung_bf16_cl train trainer=gpu module.channels_last=true "${common[@]}" \
+    hydra.run.dir="$out/lung_bf16_cl"
+step infection_bf16_cl train task=infection trainer=gpu module.channels_last=true \
+    "${common[@]}" hydra.run.dir="$out/infection_bf16_cl"
+step classify_bf16 train task=classify trainer=gpu "${common[@]}" hydra.run.dir="$out/classify_bf16"
+step multitask_bf16 train task=multitask trainer=gpu "${common[@]}" \
+    hydra.run.dir="$out/multitask_bf16"
+# the packed cache, uint8 batches normalised on the device, batched augmentation there
+step pack "$py" -m covidqu.data pack "$out/data" --size 256 --cache-dir "$out/cache"
+step lung_packed_gpu_light train trainer=gpu module.channels_last=true data.cache=packed \
+    data.cache_dir="$out/cache" data.normalise=device augment=gpu_light "${common[@]}" \
+    hydra.run.dir="$out/lung_packed_gpu_light"
+step infection_packed_gpu_strong train task=infection trainer=gpu data.cache=packed \
+    data.cache_dir="$out/cache" augment=gpu_strong "${common[@]}" trainer.max_epochs=1 \
+    hydra.run.dir="$out/infection_packed_gpu_strong"
 # torch.compile
-"$py" -m covidqu.train trainer=gpu module.compile=true "${common[@]}" hydra.run.dir="$out/lung_compile"
-# DDP on GPUs, a single run and inside a sweep
-if [[ "$n_gpu" -ge 2 ]]; then
-    "$py" -m covidqu.train trainer=ddp trainer.devices=2 "${common[@]}" hydra.run.dir="$out/lung_ddp"
-    "$py" -m covidqu.train -m trainer=ddp trainer.devices=2 model=unet,fpn "${common[@]}" \
-        hydra.sweep.dir="$out/sweep_ddp"
-else
-    echo "gpu_check: one GPU only: DDP on GPUs skipped (trainer=ddp needs two devices)"
+step lung_compile train trainer=gpu module.compile=true "${common[@]}" \
+    hydra.run.dir="$out/lung_compile"
+# DDP on GPUs: every GPU there is (a world of one on a one-GPU machine), then a DDP sweep
+step lung_ddp train trainer=ddp trainer.devices="$n_gpu" "${common[@]}" \
+    hydra.run.dir="$out/lung_ddp"
+if [[ "$n_gpu" -ge 2 || "$full" == 1 ]]; then  # with one GPU no process is re-launched
+    step sweep_ddp train -m trainer=ddp trainer.devices="$n_gpu" model=unet,fpn "${common[@]}" \
+        trainer.max_epochs=1 hydra.sweep.dir="$out/sweep_ddp"
 fi
-# evaluation on the GPU from a checkpoint
-"$py" -m covidqu.eval ckpt_path="$out/lung_bf16_cl/checkpoints/best.ckpt" data.root="$out/data" \
-    trainer.precision=bf16-mixed hydra.run.dir="$out/eval"
-# the framework's overhead on the GPU, and data loading with 8 workers
-"$py" experiments/bench_train.py --device cuda --size 256 --batch 16 --steps 30
-# a larger tree for the speed figures: 1,200 training images a subset
-"$py" -m covidqu.data synth "$out/bench" --per-class 400 --size 256 --seed 1 --force
-"$py" experiments/bench_data.py --workers 8 --root "$out/bench" --skip-scan --cache-dir "$out/cache"
-"$py" experiments/bench_augment.py --device cuda --root "$out/bench" --strong
-# U-Net ResNet-34, 256 px, bf16, channels-last: an epoch from PNG files and from the packed
-# cache, each against a hand-written loop and against the compute alone (whether the GPU waits)
-for aug in light gpu_light; do
-    for data in "data.cache=none" "data.cache=packed" "data.cache=packed data.normalise=device"; do
+# evaluation on the GPU from a checkpoint, in bf16 and under DDP
+step eval_bf16 "$py" -m covidqu.eval ckpt_path="$out/lung_bf16_cl/checkpoints/best.ckpt" \
+    data.root="$out/data" trainer=gpu hydra.run.dir="$out/eval_bf16"
+step eval_ddp "$py" -m covidqu.eval ckpt_path="$out/lung_bf16_cl/checkpoints/best.ckpt" \
+    data.root="$out/data" trainer=ddp trainer.devices="$n_gpu" hydra.run.dir="$out/eval_ddp"
+step analyze_gpu "$py" -m covidqu.analyze \
+    lung_ckpt="$out/lung_bf16_cl/checkpoints/best.ckpt" \
+    infection_ckpt="$out/infection_bf16_cl/checkpoints/best.ckpt" data.root="$out/data" \
+    split=test trainer=gpu hydra.run.dir="$out/analyze_gpu"
+
+# the framework's overhead on the GPU: a training step against a hand-written loop
+step bench_train "$py" experiments/bench_train.py --device cuda --size 256 --batch 16 --steps 30
+# an epoch from PNG files and from the packed cache with uint8 batches, each against a
+# hand-written loop and against the compute alone (how much of the epoch waits on data)
+per_class=$([[ "$full" == 1 ]] && echo 400 || echo 100)
+step bench_synth "$py" -m covidqu.data synth "$out/bench" --per-class "$per_class" --size 256 \
+    --seed 1 --force
+configs=("data.cache=none" "data.cache=packed data.normalise=device")
+augments=("gpu_light")
+[[ "$full" == 1 ]] && configs+=("data.cache=packed") && augments+=("light")
+for aug in "${augments[@]}"; do
+    for data in "${configs[@]}"; do
+        name="bench_epoch_${aug}_$(echo "$data" | tr ' =.' '___')"
         # shellcheck disable=SC2086  # $data holds several overrides
-        "$py" experiments/bench_epoch.py --device cuda --root "$out/bench" --task lung \
-            --size 256 --batch 32 --per-class 400 --encoder resnet34 --workers 8 --repeats 2 \
-            --set augment=$aug $data data.cache_dir="$out/cache"
+        step "$name" "$py" experiments/bench_epoch.py --device cuda --root "$out/bench" \
+            --task lung --size 256 --batch 32 --per-class "$per_class" --encoder resnet34 \
+            --workers "$workers" --repeats 2 --set augment=$aug $data \
+            data.cache_dir="$out/cache"
     done
 done
-"$py" -m covidqu.report "$out"
+if [[ "$full" == 1 ]]; then
+    step bench_data "$py" experiments/bench_data.py --workers "$workers" --root "$out/bench" \
+        --skip-scan --cache-dir "$out/cache"
+    step bench_augment "$py" experiments/bench_augment.py --device cuda --root "$out/bench" \
+        --strong
+fi
+step report "$py" -m covidqu.report "$out"
+grep -h -A4 "^lung, U-Net" "$out"/bench_epoch_*.log >>"$summary" 2>/dev/null
+grep -h "ms/step" "$out/bench_train.log" >>"$summary" 2>/dev/null
+cat "$summary"
+exit "$failed"
