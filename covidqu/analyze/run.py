@@ -32,6 +32,7 @@ from covidqu.analyze.stages import TwoStages, load_stages, run_stages, split_sam
 from covidqu.errors import ConfigError
 from covidqu.models.tta import check_tta
 from covidqu.runtime import outputs
+from covidqu.runtime.checks import require
 from covidqu.runtime.distributed import evaluation_trainer, job_scope
 from covidqu.runtime.inputs import find_inputs
 from covidqu.scoring import detection, plots
@@ -117,8 +118,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     On several processes (``trainer=ddp_cpu``) each analyses its shard of the images and writes
     their pictures; the rows are gathered, and the first process scores and writes them once.
     """
-    if not cfg.get("infection_ckpt"):
-        raise ConfigError(f"infection_ckpt is required: {USAGE}")
+    require(cfg, ["infection_ckpt"], USAGE)
     check_tta(cfg.get("tta", "none"))
     by, fixed = cfg.detect.get("score", "mask"), cfg.detect.get("threshold")
     check_detect_score(by, True, cfg.infection_ckpt, fixed)

@@ -13,14 +13,13 @@ from covidqu.eval.checks import USAGE
 from covidqu.eval.split import SplitAsTest, datamodule_for
 from covidqu.models.checkpoint import preprocessing
 from covidqu.models.ensemble import (
-    checkpoint_paths,
     describe,
-    is_ensemble,
     load_model,
     temperatures,
 )
 from covidqu.models.tta import check_tta
 from covidqu.runtime import outputs
+from covidqu.runtime.checks import refuse_empty_lists, require
 from covidqu.runtime.distributed import evaluation_trainer, job_scope
 from covidqu.scoring.calibration import plot_reliability
 
@@ -37,10 +36,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     On several processes (``trainer=ddp_cpu``) each evaluates its shard of the split; the
     figures and rows are those of one process, written once, by the first.
     """
-    if is_ensemble(cfg.get("ckpt_path")):
-        checkpoint_paths(cfg.ckpt_path)  # an empty list: refused as such
-    if not cfg.get("ckpt_path"):
-        raise ValueError(f"ckpt_path is required: {USAGE}")
+    refuse_empty_lists(cfg, "ckpt_path")
+    require(cfg, ["ckpt_path"], USAGE)
     split = cfg.get("split", "test")
     if split not in SPLITS:
         raise ValueError(f"split={split} is not one of {SPLITS}")

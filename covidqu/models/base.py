@@ -225,7 +225,7 @@ class CXRModule(pl.LightningModule):
         logits, _ = self._step(batch, "test")
         self.record_test_batch(batch, detached(logits))
 
-    # -- what the task shows: the pipeline calls these without knowing which task runs ---------
+    # -- what the task shows: the commands call these without knowing which task runs ---------
 
     def record_test_batch(self, batch: Mapping[str, Any], logits: Tensor) -> None:
         """Append this batch's rows to :attr:`test_records` and keep up to

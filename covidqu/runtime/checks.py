@@ -302,7 +302,7 @@ def refuse_empty_lists(cfg: DictConfig, *keys: str) -> None:
             checkpoint_paths(cfg[key], key)
 
 
-def require(cfg: DictConfig, keys: Iterable[str], usage: str) -> None:
+def require(cfg: Mapping[str, Any], keys: Iterable[str], usage: str) -> None:
     """Refuse a config that leaves one of ``keys`` unset, with the command line that sets them."""
     for key in keys:
         if not cfg.get(key) or cfg.get(key) == "???":
