@@ -252,7 +252,7 @@ def test_analyze_with_flip_records_it_and_segments_the_mirror_mean(
     stages = {"lung_ckpt": _segmentation_module("lung"), "infection_ckpt": None}
     stages["infection_ckpt"] = _segmentation_module("infection", _Skewed(seed=3))
     monkeypatch.setattr(
-        analysis, "load_model", lambda path, map_location="cpu", key="": stages[key]
+        stage_lib, "load_model", lambda path, map_location="cpu", key="": stages[key]
     )
     found = {}
     for tta in ("none", "flip"):
