@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic tree, and the real data shipped beside the project."""
+"""Shared fixtures: a small synthetic tree, tiny trained runs, and the real data shipped beside
+the project."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 from covidqu.data.synth import generate
 
+from shared_folders import SharedFolders, session_base
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 #: Real COVID-QU-Ex data lives beside the project, never inside it.
 SHARED_DATA = Path(os.environ.get("COVIDQU_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
@@ -21,11 +24,83 @@ SYNTH_PER_CLASS = 3
 SYNTH_SIZE = 48
 
 
+#: The tiny runs tests share (read-only; see ``trained_run``): kind -> the overrides after
+#: ``pipeline_helpers.TINY`` and ``data.root``. Full runs (tested too), so that each serves
+#: every test that needs a checkpoint of its kind, its run folder or its figures.
+TRAINED_RUNS: dict[str, tuple[str, ...]] = {
+    "lung": ("trainer.max_epochs=2",),
+    "infection": ("task=infection", "trainer.max_epochs=2"),
+    "classify": ("task=classify", "trainer.max_epochs=1"),
+    # one model that serves both stages of analyze
+    "infection_multiclass": (
+        "task=infection",
+        "data.target=infection_multiclass",
+        "loss=dice_ce",
+        "trainer.max_epochs=1",
+    ),
+    # the segmentation head on infection_multiclass, so that it serves both stages too
+    "multitask": (
+        "task=multitask",
+        "data.target=infection_multiclass",
+        "loss=dice_ce",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=2",
+        "test=false",
+    ),
+}
+
+
 @pytest.fixture(scope="session")
-def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A synthetic tree: both subsets, 3 images per split and class, 48 px. Do not modify."""
-    out = tmp_path_factory.mktemp("synth") / "covidqu"
-    return generate(out, per_class=SYNTH_PER_CLASS, size=SYNTH_SIZE, seed=0)
+def shared_folders(tmp_path_factory: pytest.TempPathFactory) -> SharedFolders:
+    """Folders built once per session, across xdist workers (see ``shared_folders``)."""
+    return SharedFolders(session_base(tmp_path_factory.getbasetemp()) / "shared")
+
+
+@pytest.fixture(autouse=True)
+def _shared_folders_unchanged(shared_folders: SharedFolders) -> Iterator[None]:
+    """Fail the test after which a shared folder differs from what its builder left."""
+    yield
+    changed = shared_folders.changed()
+    if changed:
+        pytest.fail(
+            "a shared read-only folder was changed (by this test, or by one running beside it "
+            "in another worker); copy it before changing it:\n" + "\n".join(changed)
+        )
+
+
+@pytest.fixture(scope="session")
+def synth_root(shared_folders: SharedFolders) -> Path:
+    """A synthetic tree: both subsets, 3 images per split and class, 48 px. Do not modify
+    (``synth_copy`` is a copy a test may break)."""
+
+    def build(out: Path) -> None:
+        generate(out / "covidqu", per_class=SYNTH_PER_CLASS, size=SYNTH_SIZE, seed=0)
+
+    return shared_folders.get("synth", build) / "covidqu"
+
+
+@pytest.fixture(scope="session")
+def trained_run(shared_folders: SharedFolders, synth_root: Path) -> Callable[[str], Path]:
+    """``trained_run(kind)``: the run folder of a tiny model of a kind of ``TRAINED_RUNS``
+    trained on ``synth_root``, built once per session. Read-only: a test that resumes or
+    changes a run copies it into its own folder first."""
+
+    def get(kind: str) -> Path:
+        def build(out: Path) -> None:
+            from hydra.core.global_hydra import GlobalHydra
+
+            from covidqu.train.run import train
+
+            from pipeline_helpers import TINY, compose_config
+
+            overrides = [*TINY, f"data.root={synth_root}", *TRAINED_RUNS[kind]]
+            train(compose_config("train", overrides, out))
+            GlobalHydra.instance().clear()
+
+        return shared_folders.get(f"run-{kind}", build)
+
+    return get
 
 
 @pytest.fixture(scope="module")

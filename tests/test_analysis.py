@@ -16,9 +16,8 @@ from covidqu.analyze import stages as stage_lib
 from covidqu.models.metrics import SegmentationMetrics
 from covidqu.models.segmentation import SegmentationModule
 from covidqu.scoring.severity import GRADES, check_cutoffs, grade, infected_share
-from covidqu.train.run import train
 
-from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
+from pipeline_helpers import compose_config, read_csv, read_metrics, run_module
 
 CUTOFFS = {"mild": 0.0, "moderate": 25.0, "severe": 50.0, "critical": 75.0}
 
@@ -111,15 +110,10 @@ def test_one_multiclass_model_serves_both_stages(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(synth_root: Path, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
-    """Tiny lung and infection models (32 px), trained briefly on the synthetic tree."""
-    found = {}
-    for task in ("lung", "infection"):
-        out = module_tmp(f"{task}_run")
-        overrides = [*TINY, f"data.root={synth_root}", f"task={task}", "trainer.max_epochs=2"]
-        train(compose_config("train", overrides, out))
-        found[task] = out / "checkpoints" / "best.ckpt"
-    return found
+def checkpoints(trained_run: Callable[[str], Path]) -> dict[str, Path]:
+    """Tiny lung and infection models (32 px), trained briefly on the synthetic tree (shared,
+    read-only)."""
+    return {task: trained_run(task) / "checkpoints" / "best.ckpt" for task in ("lung", "infection")}
 
 
 def test_analyze_images_writes_masks_overlays_and_rows(checkpoints, synth_root, tmp_path):
@@ -228,11 +222,8 @@ def test_analyze_refuses_a_lung_checkpoint_for_the_infection(checkpoints, tmp_pa
         stage_lib.load_stages(None, str(checkpoints["infection"]), "cpu")
 
 
-def test_one_infection_multiclass_checkpoint_serves_both_stages(synth_root, tmp_path):
-    run = tmp_path / "multi"
-    overrides = [*TINY, f"data.root={synth_root}", "task=infection"]
-    overrides += ["data.target=infection_multiclass", "loss=dice_ce", "trainer.max_epochs=1"]
-    train(compose_config("train", overrides, run))
+def test_one_infection_multiclass_checkpoint_serves_both_stages(trained_run, synth_root, tmp_path):
+    run = trained_run("infection_multiclass")  # task=infection, data.target=infection_multiclass
     out = tmp_path / "out"
     args = [f"infection_ckpt={run / 'checkpoints' / 'best.ckpt'}", f"data.root={synth_root}"]
     args += ["split=test", "detect.threshold=1.0", "detect.n_boot=50"]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from tests.pipeline_helpers import QUICK, compose_config
+from shared_folders import copy_shared
 
 
 @dataclass
@@ -225,19 +225,14 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def _train(root: Path, out: Path, *extra: str) -> Path:
-    from covidqu.train.run import train
-
-    train(compose_config("train", [*QUICK, f"data.root={root}", *extra], out))
-    GlobalHydra.instance().clear()
-    return out
-
-
 @pytest.fixture(scope="module")
-def world(synth_root: Path, module_tmp: Callable[[str], Path]) -> World:
+def world(
+    synth_root: Path, module_tmp: Callable[[str], Path], trained_run: Callable[[str], Path]
+) -> World:
     base = module_tmp("bad_inputs")
-    lung = _train(synth_root, base / "lung")
-    classify = _train(synth_root, base / "classify", "task=classify", "model=classifier")
+    # copies of the shared runs: failing commands are pointed at these folders
+    lung = copy_shared(trained_run("lung"), base / "lung")
+    classify = copy_shared(trained_run("classify"), base / "classify")
     tmp = base / "tmp"
     tmp.mkdir()
     (tmp / "empty").mkdir()

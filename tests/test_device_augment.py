@@ -5,7 +5,6 @@ and training batches alone are augmented."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +26,7 @@ from covidqu.errors import ConfigError, RunInterrupted
 from covidqu.train.run import train
 
 from pipeline_helpers import CONF, TINY, compose_config
+from shared_folders import SharedFolders
 
 #: strong.yaml's ranges, every transform off: a test turns on the ones it checks.
 STRONG_RANGES = {
@@ -371,12 +371,14 @@ def lines(record: Path, stage: str) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def reference(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
-    """What every batch of an uninterrupted two-epoch run looked like to its steps."""
-    out = module_tmp("gpu-aug-run")
-    record = out / "batches.txt"
-    train(compose_config("train", run_overrides(synth_root, record), out / "run"))
-    return record
+def reference(synth_root: Path, shared_folders: SharedFolders) -> Path:
+    """What every batch of an uninterrupted two-epoch run looked like to its steps (built once
+    per session, read-only)."""
+
+    def build(out: Path) -> None:
+        train(compose_config("train", run_overrides(synth_root, out / "batches.txt"), out / "run"))
+
+    return shared_folders.get("device-augment-reference", build) / "batches.txt"
 
 
 def test_a_training_run_augments_training_batches_only(synth_root: Path, reference: Path):

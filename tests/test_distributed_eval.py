@@ -19,9 +19,8 @@ from covidqu.analyze import run as analysis
 from covidqu.analyze.run import analyze
 from covidqu.errors import ConfigError
 from covidqu.eval.run import evaluate
-from covidqu.train.run import train
 
-from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
+from pipeline_helpers import compose_config, read_csv, read_metrics, run_module
 
 DDP_CPU = ["trainer=ddp_cpu", "trainer.devices=2", "trainer.enable_progress_bar=false"]
 #: Figures that depend on how the images are batched (a Dice loss pools each batch's pixels),
@@ -31,15 +30,10 @@ IGNORED = {"world_size", "duration_s"}
 
 
 @pytest.fixture(scope="module")
-def multiclass_ckpt(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
-    """One tiny infection_multiclass model: evaluated as is, and both stages of analyze. One
-    step of training: the figures need only differ from image to image, not be good."""
-    out = module_tmp("multi_run")
-    overrides = [*TINY, f"data.root={synth_root}", "task=infection", "trainer.max_epochs=1"]
-    overrides += ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
-    overrides += ["data.target=infection_multiclass", "loss=dice_ce"]
-    train(compose_config("train", overrides, out))
-    return out / "checkpoints" / "best.ckpt"
+def multiclass_ckpt(trained_run: Callable[[str], Path]) -> Path:
+    """One tiny infection_multiclass model (shared, read-only): evaluated as is, and both
+    stages of analyze. The figures need only differ from image to image, not be good."""
+    return trained_run("infection_multiclass") / "checkpoints" / "best.ckpt"
 
 
 def assert_same_figures(single: dict, ddp: dict) -> None:

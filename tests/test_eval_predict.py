@@ -14,30 +14,20 @@ import torch
 from covidqu.eval.run import evaluate
 from covidqu.models.checkpoint import CheckpointError, load_module
 from covidqu.predict.run import predict
-from covidqu.train.run import train
 
-from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
-
-
-@pytest.fixture(scope="module")
-def lung_run(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
-    """A run folder with checkpoints of a tiny lung model (32 px)."""
-    out = module_tmp("lung_run")
-    train(compose_config("train", [*TINY, f"data.root={synth_root}", "trainer.max_epochs=2"], out))
-    return out
+from pipeline_helpers import compose_config, read_csv, read_metrics, run_module
 
 
 @pytest.fixture(scope="module")
-def classify_run(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
-    out = module_tmp("classify_run")
-    train(
-        compose_config(
-            "train",
-            [*TINY, f"data.root={synth_root}", "task=classify", "trainer.max_epochs=1"],
-            out,
-        )
-    )
-    return out
+def lung_run(trained_run: Callable[[str], Path]) -> Path:
+    """A run folder with checkpoints of a tiny lung model (32 px; shared, read-only)."""
+    return trained_run("lung")
+
+
+@pytest.fixture(scope="module")
+def classify_run(trained_run: Callable[[str], Path]) -> Path:
+    """A run folder of a tiny classifier (shared, read-only)."""
+    return trained_run("classify")
 
 
 def test_checkpoint_is_self_contained(lung_run: Path):

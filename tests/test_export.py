@@ -24,24 +24,12 @@ from covidqu.errors import UserError
 from covidqu.export import formats
 from covidqu.export import run as export_lib
 from covidqu.models.checkpoint import load_module, preprocessing
-from covidqu.train.run import train
-
-from pipeline_helpers import QUICK, compose_config
-
-
-def _checkpoint(root: Path, out: Path, *extra: str) -> Path:
-    train(compose_config("train", [*QUICK, f"data.root={root}", *extra], out))
-    GlobalHydra.instance().clear()
-    return out / "checkpoints" / "best.ckpt"
 
 
 @pytest.fixture(scope="module")
-def checkpoints(synth_root: Path, module_tmp: Callable[[str], Path]) -> dict[str, Path]:
-    base = module_tmp("export")
-    return {
-        "lung": _checkpoint(synth_root, base / "lung"),
-        "classify": _checkpoint(synth_root, base / "classify", "task=classify"),
-    }
+def checkpoints(trained_run: Callable[[str], Path]) -> dict[str, Path]:
+    """A tiny lung model and a tiny classifier (shared, read-only)."""
+    return {task: trained_run(task) / "checkpoints" / "best.ckpt" for task in ("lung", "classify")}
 
 
 def run_export(args: list[str], run_dir: Path) -> int:

@@ -39,14 +39,10 @@ CLASS_COLUMNS = ("p_COVID-19", "p_Non-COVID", "p_Normal")
 
 
 @pytest.fixture(scope="module")
-def mt_run(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
-    """A tiny multitask run (32 px, a few batches) on the infection_multiclass target."""
-    out = module_tmp("multitask_run")
-    overrides = [*TINY, f"data.root={synth_root}", "task=multitask", "trainer.max_epochs=1"]
-    overrides += ["trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "test=false"]
-    overrides += ["data.target=infection_multiclass", "loss=dice_ce"]
-    train(compose_config("train", overrides, out))
-    return out
+def mt_run(trained_run: Callable[[str], Path]) -> Path:
+    """A tiny multitask run (32 px, a few batches) on the infection_multiclass target (shared,
+    read-only)."""
+    return trained_run("multitask")
 
 
 @pytest.fixture(scope="module")

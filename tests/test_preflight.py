@@ -95,16 +95,9 @@ def test_an_image_size_the_network_cannot_take_is_refused_naming_the_key():
 
 
 @pytest.fixture(scope="module")
-def lung_run(synth_root, module_tmp):
-    out = module_tmp("lung")
-    training.train(
-        compose_config(
-            "train",
-            [*TINY, f"data.root={synth_root}", "trainer.max_epochs=1", "test=false"],
-            out,
-        )
-    )
-    return out
+def lung_run(trained_run):
+    """A tiny lung run's folder (shared, read-only: the checks only read it)."""
+    return trained_run("lung")
 
 
 def test_a_folder_of_the_same_config_resumes(lung_run, synth_root):

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from covidqu.errors import RunInterrupted
 from covidqu.train.run import train
 
 from pipeline_helpers import PROJECT_ROOT, TINY, compose_config, read_csv, read_metrics
+from shared_folders import SharedFolders, copy_shared
 
 BASE = [
     *TINY,
@@ -58,20 +58,22 @@ def stop_at(epoch: int, batch: int, **kw: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
+def reference(synth_root: Path, shared_folders: SharedFolders) -> Path:
     """The uninterrupted run every interrupted one is compared with; it also keeps the
-    checkpoint of each epoch's end in ``epochs/``."""
-    out = module_tmp("reference")
-    every_epoch = [
-        "+callbacks.every_epoch._target_=pytorch_lightning.callbacks.ModelCheckpoint",
-        f"+callbacks.every_epoch.dirpath={out / 'epochs'}",
-        "+callbacks.every_epoch.filename='{epoch}'",
-        "+callbacks.every_epoch.save_top_k=-1",
-        "+callbacks.every_epoch.monitor=null",
-        "+callbacks.every_epoch.mode=max",  # a state key of its own beside last_checkpoint
-    ]
-    train(compose_config("train", overrides(synth_root, *every_epoch), out))
-    return out
+    checkpoint of each epoch's end in ``epochs/``. Built once per session, read-only."""
+
+    def build(out: Path) -> None:
+        every_epoch = [
+            "+callbacks.every_epoch._target_=pytorch_lightning.callbacks.ModelCheckpoint",
+            f"+callbacks.every_epoch.dirpath={out / 'epochs'}",
+            "+callbacks.every_epoch.filename='{epoch}'",
+            "+callbacks.every_epoch.save_top_k=-1",
+            "+callbacks.every_epoch.monitor=null",
+            "+callbacks.every_epoch.mode=max",  # a state key of its own beside last_checkpoint
+        ]
+        train(compose_config("train", overrides(synth_root, *every_epoch), out))
+
+    return shared_folders.get("resume-reference", build)
 
 
 def cells(run: Path) -> list[tuple[int, str, str]]:
@@ -194,9 +196,9 @@ def test_ctrl_c_mid_epoch_saves_that_moment_and_exits_130(synth_root, tmp_path):
 def test_resuming_an_older_checkpoint_logs_its_later_steps_once(synth_root, reference, tmp_path):
     """A run killed outright (no SIGTERM first) resumes from a checkpoint older than its log."""
     run = tmp_path / "run"
-    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("epochs"))
+    copy_shared(reference, run, ignore=shutil.ignore_patterns("epochs"))
     (epoch0,) = (reference / "epochs").glob("epoch=0*.ckpt")
-    shutil.copy(epoch0, run / "checkpoints" / "last.ckpt")  # killed before epoch 1's own
+    shutil.copyfile(epoch0, run / "checkpoints" / "last.ckpt")  # killed before epoch 1's own
     train(compose_config("train", overrides(synth_root), run))  # trains epoch 1 again
     assert_same_log(run, reference)
     assert_same_figures(run, reference)

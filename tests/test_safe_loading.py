@@ -53,11 +53,9 @@ def tiny(root: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def lung_run(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
-    """A run folder of a one-epoch tiny lung model."""
-    out = module_tmp("lung_run")
-    train(compose_config("train", tiny(synth_root, "trainer.max_epochs=1"), out))
-    return out
+def lung_run(trained_run: Callable[[str], Path]) -> Path:
+    """A run folder of a tiny lung model (shared, read-only: poisoned copies go elsewhere)."""
+    return trained_run("lung")
 
 
 def poison(source: Path, dest: Path, marker: Path) -> Path:

@@ -25,9 +25,8 @@ from covidqu.models.segmentation import SegmentationModule
 from covidqu.models.tta import scaled_side, tta_probabilities
 from covidqu.predict.run import predict, prepare
 from covidqu.runtime.checks import check_values
-from covidqu.train.run import train
 
-from pipeline_helpers import TINY, compose_config, read_csv, read_metrics
+from pipeline_helpers import compose_config, read_csv, read_metrics
 
 
 class _Skewed(nn.Module):
@@ -181,10 +180,9 @@ def test_an_unknown_tta_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def lung_ckpt(synth_root: Path, module_tmp: Callable[[str], Path]) -> Path:
-    out = module_tmp("tta_lung_run")
-    train(compose_config("train", [*TINY, f"data.root={synth_root}", "trainer.max_epochs=1"], out))
-    return out / "checkpoints" / "best.ckpt"
+def lung_ckpt(trained_run: Callable[[str], Path]) -> Path:
+    """A tiny lung model (shared, read-only)."""
+    return trained_run("lung") / "checkpoints" / "best.ckpt"
 
 
 def _eval(ckpt: Path, root: Path, out: Path, tta: str) -> dict:

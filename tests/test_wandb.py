@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from covidqu.runtime import wandb_logger as wb
 from covidqu.runtime.callbacks import WandbMedia
 
 from pipeline_helpers import TINY, read_csv, run_module
+from shared_folders import SharedFolders
 
 #: Environment variables that could give a test run credentials, a mode or another server.
 WANDB_VARS = (
@@ -76,6 +78,23 @@ def run_offline(args: list[str], base: Path) -> Any:
         for name in WANDB_VARS:
             mp.delenv(name, raising=False)
         return run_module("covidqu.train", args, env=isolated_env(base), timeout=600)
+
+
+def shared_offline(
+    shared_folders: SharedFolders, name: str, args: Callable[[Path], list[str]]
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """``run_offline(args(base), base)`` once per session in the shared folder ``base``
+    (read-only to the tests), and the finished process, its output kept in files there."""
+    streams = ("stdout", "stderr", "returncode")
+
+    def build(base: Path) -> None:
+        proc = run_offline(args(base), base)
+        for stream in streams:
+            (base / f"{stream}.txt").write_text(str(getattr(proc, stream)))
+
+    base = shared_folders.get(name, build)
+    out, err, code = ((base / f"{stream}.txt").read_text() for stream in streams)
+    return base, subprocess.CompletedProcess([], int(code), out, err)
 
 
 # -- reading an offline run back -------------------------------------------------------------------
@@ -156,20 +175,21 @@ def offline_runs(folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def sweep(synth_root: Path, module_tmp: Callable[[str], Path]) -> dict[str, Any]:
-    base = module_tmp("wandb_sweep")
-    sweep_dir = base / "sweep"
-    proc = run_offline(
-        [
+def sweep(synth_root: Path, shared_folders: SharedFolders) -> dict[str, Any]:
+    """A two-job W&B sweep (built once per session, read-only)."""
+    base, proc = shared_offline(
+        shared_folders,
+        "wandb-sweep",
+        lambda base: [
             "-m",
             "logger=wandb",
             "model=unet,fpn",
             *SHORT,
             f"data.root={synth_root}",
-            f"hydra.sweep.dir={sweep_dir}",
+            f"hydra.sweep.dir={base / 'sweep'}",
         ],
-        base,
     )
+    sweep_dir = base / "sweep"
     assert proc.returncode == 0, proc.stderr[-4000:]
     failures = [p.read_text() for p in sweep_dir.glob("*/failure.txt")]
     assert not failures, failures[0][-3000:]
@@ -230,20 +250,21 @@ def test_segmentation_runs_log_validation_overlays(sweep):
 
 
 @pytest.fixture(scope="module")
-def classify_many(synth_root: Path, module_tmp: Callable[[str], Path]) -> dict[str, Any]:
-    base = module_tmp("wandb_many")
-    run_dir = base / "run"
-    proc = run_offline(
-        [
+def classify_many(synth_root: Path, shared_folders: SharedFolders) -> dict[str, Any]:
+    """A classification run logging to CSV and W&B (built once per session, read-only)."""
+    base, proc = shared_offline(
+        shared_folders,
+        "wandb-many",
+        lambda base: [
             "task=classify",
             "logger=many",
             "logger.wandb.log_model=true",
             *SHORT,
             f"data.root={synth_root}",
-            f"hydra.run.dir={run_dir}",
+            f"hydra.run.dir={base / 'run'}",
         ],
-        base,
     )
+    run_dir = base / "run"
     assert proc.returncode == 0, proc.stderr[-4000:]
     (offline,) = offline_runs(base)
     return {"dir": run_dir, "base": base, "proc": proc, "run": read_run(offline), "path": offline}
