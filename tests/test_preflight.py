@@ -102,7 +102,7 @@ def lung_run(trained_run):
 
 def test_a_folder_of_the_same_config_resumes(lung_run, synth_root):
     cfg = compose_config("train", [*TINY, f"data.root={synth_root}"], lung_run)
-    assert check_resume(cfg, lung_run) == lung_run / "checkpoints" / "last.ckpt"
+    assert check_resume(cfg, lung_run).path == lung_run / "checkpoints" / "last.ckpt"
 
 
 @pytest.mark.parametrize(

@@ -113,7 +113,7 @@ def test_training_auto_resumed_from_the_folder_refuses_its_last_checkpoint(
     with pytest.raises(CheckpointError) as err:
         train(compose_config("train", tiny(synth_root, "trainer.max_epochs=2"), run))
     assert not marker.exists()
-    assert_refused(err.value, "ckpt_path", last)
+    assert_refused(err.value, "auto_resume", last)  # the key that chose the file
     assert "auto_resume=false" in str(err.value)
     assert not (run / "failure.txt").exists()  # refused before the run: the folder is as it was
 

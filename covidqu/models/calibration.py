@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from covidqu.errors import CheckpointError
+from covidqu.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,7 @@ def weights_fingerprint(state_dict: Mapping[str, Tensor]) -> str:
 def write_sidecar(ckpt_path: str | os.PathLike[str], record: Mapping[str, Any]) -> Path:
     """Write the calibration ``record`` (``temperature``, ``fingerprint``, ...) beside the
     checkpoint, atomically (DDP processes each fit the same value and may write it together)."""
-    path = sidecar_path(ckpt_path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dict(record), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(sidecar_path(ckpt_path), json.dumps(dict(record), indent=2) + "\n")
 
 
 def read_temperature(

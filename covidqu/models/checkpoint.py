@@ -110,13 +110,25 @@ def read_checkpoint(path: str | os.PathLike[str], key: str = "ckpt_path") -> dic
     except Exception as err:  # an unsafe, truncated or foreign file: say which
         if refused_as_unsafe(err):
             raise unsafe_file_error(key, p) from err
-        raise CheckpointError(f"{key}={p} is not a readable checkpoint: {err}") from err
+        raise CheckpointError(
+            f"{key}={p} is not a readable checkpoint: {unreadable(p, err)}"
+        ) from err
     if not isinstance(ckpt, dict) or "covidqu" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(
             f"{key}={p} was not written by a covidqu run (no 'covidqu' recipe inside); "
             "pass a run's checkpoints/best.ckpt or last.ckpt"
         )
     return ckpt
+
+
+def unreadable(path: Path, err: BaseException) -> str:
+    """Why ``path`` could not be read, never empty: torch's own words, and the file's size (an
+    empty or truncated file is what a full disk or a kill mid-write leaves)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    said = str(err).strip() or type(err).__name__
+    return f"{said} ({size:,} bytes: truncated, or not a file torch.save wrote)"
 
 
 def module_class(recipe: dict[str, Any]) -> type[CXRModule]:

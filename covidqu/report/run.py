@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from covidqu.files import atomic_text, write_atomic
 from covidqu.runtime.config import split_override
 from covidqu.runtime.outputs import FAILURE_FILE, METRICS_FILE
 
@@ -225,7 +226,7 @@ def write_report(table: Sequence[dict[str, Any]], root: Path) -> tuple[Path, Pat
     for row in table:
         columns += [k for k in row if k not in columns]
     csv_path, md_path = root / REPORT_CSV, root / REPORT_MD
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_text(csv_path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in table:
@@ -234,7 +235,7 @@ def write_report(table: Sequence[dict[str, Any]], root: Path) -> tuple[Path, Pat
     for row in table:
         cells = [_cell(row.get(k)).replace("|", "\\|") for k in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    md_path.write_text(f"# Runs under {root}\n\n" + "\n".join(lines) + "\n")
+    write_atomic(md_path, f"# Runs under {root}\n\n" + "\n".join(lines) + "\n")
     return csv_path, md_path
 
 

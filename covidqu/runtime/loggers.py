@@ -18,10 +18,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
+from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
+from covidqu.files import atomic_path, atomic_text
 from covidqu.runtime.wandb_logger import CXRWandbLogger
 
 log = logging.getLogger(__name__)
@@ -100,8 +103,38 @@ def finish_loggers(loggers: Any, failed: bool | None = None) -> None:
 # -- CSV ---------------------------------------------------------------------------------------
 
 
+class AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, whose files are replaced whole (:mod:`covidqu.files`): a full
+    disk or a kill while it writes leaves the rows written before, never a half row.
+
+    Lightning appends each batch of rows to ``metrics.csv``; here the file is rewritten, with
+    the new rows, to a temporary file that replaces it. It holds one row per logging step, so
+    this costs little beside a training step.
+    """
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        rows: list[dict[str, Any]] = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        with atomic_text(self.metrics_file_path, newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows([*rows, *self.metrics])
+        self.metrics = []
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        self.hparams.update(params)
+        with atomic_path(Path(self.log_dir) / self.NAME_HPARAMS_FILE) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
+
+
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSV logger, except that resuming in the same folder keeps the earlier rows.
+    """Lightning's CSV logger, except that resuming in the same folder keeps the earlier rows,
+    and its files are written atomically (:class:`AtomicExperimentWriter`).
 
     Lightning deletes an existing ``metrics.csv`` when its writer starts; a run resumed in its
     own folder (``auto_resume``, a requeued Slurm job) would lose the history of the epochs
@@ -117,7 +150,8 @@ class ResumableCSVLogger(CSVLogger):
         kept = path.with_name(".metrics.csv.resumed")
         if path.is_file():
             os.replace(path, kept)
-        experiment = super().experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = experiment = AtomicExperimentWriter(log_dir=self.log_dir)
         if kept.is_file():
             with open(kept, newline="") as fh:
                 header = next(csv.reader(fh), [])
@@ -147,12 +181,10 @@ class ResumableCSVLogger(CSVLogger):
         kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
         if len(kept) == len(rows):
             return dropped
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_text(path, newline="") as fh:
             out = csv.DictWriter(fh, fieldnames=header)
             out.writeheader()
             out.writerows(kept)
-        os.replace(tmp, path)
         return dropped + len(rows) - len(kept)
 
 

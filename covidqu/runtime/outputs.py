@@ -1,4 +1,5 @@
-"""Files a run leaves in its folder: metrics.json, per_image.csv, overlays, failure notes."""
+"""Files a run leaves in its folder: metrics.json, per_image.csv, overlays, failure notes; each
+written atomically (:mod:`covidqu.files`): complete, or not at all."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +17,8 @@ import cv2
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+
+from covidqu.files import DiskFullError, atomic_text, write_atomic
 
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
@@ -42,25 +46,19 @@ def clean_figures(figures: Mapping[str, Any]) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @rank_zero_only
 def write_metrics(out_dir: Path, metrics: Mapping[str, Any]) -> Path:
     """``metrics.json``: a flat object of final figures (NaN written as null)."""
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     path = out_dir / METRICS_FILE
-    _write_atomic(path, json.dumps(clean, indent=2) + "\n")
+    write_atomic(path, json.dumps(clean, indent=2) + "\n")
     return path
 
 
 @rank_zero_only
 def save_config(cfg: DictConfig, out_dir: Path) -> None:
     """The resolved config, beside Hydra's own (unresolved) copy in ``.hydra/``."""
-    _write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 @rank_zero_only
@@ -74,14 +72,19 @@ def write_failure(
     out_dir: Path, err: BaseException, trace: str, duration_s: float | None = None
 ) -> None:
     """Record why a run failed (or was interrupted: the error's ``status``), next to whatever
-    checkpoints and logs it left."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints and logs it left. Where the note itself cannot be written (the disk that
+    stopped the run is full), say so on stderr and go on: the error it would have recorded
+    still reaches the terminal, as the command's own message."""
     text = (
         f"status: {getattr(err, 'status', 'failed')}\ntime: {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         + (f"duration_s: {duration_s:.1f}\n" if duration_s is not None else "")
         + f"error: {type(err).__name__}: {err}\n\n{trace}"
     )
-    _write_atomic(out_dir / FAILURE_FILE, text)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / FAILURE_FILE, text)
+    except (OSError, DiskFullError) as problem:
+        print(f"warning: {out_dir / FAILURE_FILE} could not be written: {problem}", file=sys.stderr)
 
 
 def skipped_files(datamodule: Any, out_dir: Path) -> dict[str, int]:
@@ -102,7 +105,7 @@ def skipped_files(datamodule: Any, out_dir: Path) -> dict[str, int]:
 def _write_skipped(out_dir: Path, skipped: Mapping[str, str]) -> None:
     path = out_dir / SKIPPED_FILE
     if skipped:
-        _write_atomic(path, "".join(f"{p}\t{why}\n" for p, why in sorted(skipped.items())))
+        write_atomic(path, "".join(f"{p}\t{why}\n" for p, why in sorted(skipped.items())))
     else:
         path.unlink(missing_ok=True)
 
@@ -112,7 +115,7 @@ def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as fh:
+    with atomic_text(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
@@ -147,4 +150,4 @@ def write_png(path: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"could not encode {path}")
-    path.write_bytes(buf.tobytes())
+    write_atomic(path, buf.tobytes())

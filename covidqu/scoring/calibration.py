@@ -69,15 +69,13 @@ def plot_reliability(
     """Write a reliability diagram as a PNG at ``path``: each bin's accuracy against its mean
     confidence (bars over the bin, the diagonal for perfect calibration), each bar labelled
     with its count, and the ECE in the title."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from covidqu.scoring.plots import figure, save
 
     mean_conf, accuracy, counts = reliability_bins(confidence, correct, n_bins)
     conf = np.clip(np.asarray(confidence, dtype=float), 0.0, 1.0)
     weights = counts / max(int(counts.sum()), 1)
     gap = float(np.nansum(weights * np.abs(accuracy - mean_conf)))
-    fig = Figure(figsize=(5.0, 5.0), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure()
     ax = fig.add_subplot()
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     filled = counts > 0
@@ -99,7 +97,4 @@ def plot_reliability(
     ax.set_title(f"{title}: ECE {gap:.3f} over {conf.size} images (counts above the bars)")
     ax.title.set_fontsize(9)
     ax.legend(loc="upper left", fontsize=8)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    return save(fig, path)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from covidqu.files import bytes_of, write_atomic
 from covidqu.scoring.detection import called, operating_points, weighted_auroc
 from covidqu.scoring.inputs import binary_inputs, check_threshold, grade_indices, vector
 from covidqu.scoring.severity import confusion_counts, mae, pearson
@@ -34,10 +35,8 @@ def figure(width: float = 5.0, height: float = 5.0) -> Figure:
 
 
 def save(fig: Figure, path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    """Write ``fig`` as a PNG at ``path``, atomically (parent folders made)."""
+    return write_atomic(path, bytes_of(lambda buffer: fig.savefig(buffer, format="png")))
 
 
 def _fmt(value: float, spec: str) -> str:

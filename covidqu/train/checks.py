@@ -5,12 +5,13 @@ resume from (:func:`check_resume`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from covidqu.errors import ConfigError, UserError
+from covidqu.errors import CheckpointError, ConfigError, UserError
 from covidqu.runtime.checks import MISSING, check_output_dir, check_values, value_at
 from covidqu.runtime.cli import user_errors
 from covidqu.train.synthetic import with_synthetic_defaults
@@ -91,17 +92,83 @@ def _differences(recipe: Mapping[str, Any], cfg: DictConfig) -> list[str]:
 _SHOWN = 6
 
 
-def resume_candidate(cfg: DictConfig, out_dir: Path) -> tuple[Path, str] | None:
-    """The checkpoint ``train`` would resume from and the key that chose it, if any."""
+@dataclass
+class Resume:
+    """The checkpoint a run resumes from: its ``path``, the key that chose it (``ckpt_path`` or
+    ``auto_resume``), its epoch and step, and the run folder's checkpoints passed over on the
+    way, each with the reason."""
+
+    path: Path
+    why: str
+    epoch: int | None = None
+    step: int | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def describe(self) -> str:
+        """One line for the log: what is resumed, and what was passed over and why."""
+        where = f"epoch {self.epoch}, step {self.step}" if self.step is not None else "?"
+        text = f"resuming from {self.path} ({where})"
+        if self.skipped:
+            passed = "; ".join(reason for _, reason in self.skipped)
+            text += f", the newest checkpoint of the run that loads; passed over (kept): {passed}"
+        return text
+
+
+def _loaded(path: Path, why: str) -> Resume:
+    from covidqu.models.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path, key=why)
+    return Resume(path, why, ckpt.get("epoch"), ckpt.get("global_step"), [], ckpt["covidqu"])
+
+
+def resume_candidate(cfg: DictConfig, out_dir: Path) -> Resume | None:
+    """The checkpoint ``train`` would resume from, read (its recipe, epoch and step), if any.
+
+    ``ckpt_path`` when given. Else, with ``auto_resume``, the newest state of the run folder
+    that loads: ``checkpoints/last.ckpt`` (written after every epoch, and on an interrupt), or,
+    where it does not load (a kill or a full disk mid-write left it empty or truncated), the
+    readable checkpoint of the highest step among the others (``best.ckpt``, per-epoch ones).
+    Files that do not load are passed over, with the reason, and never deleted; when none
+    loads, a :class:`UserError` lists them all.
+    """
     if cfg.get("ckpt_path"):
-        return Path(str(cfg.ckpt_path)).expanduser(), "ckpt_path"
-    last = out_dir / "checkpoints" / "last.ckpt"
-    if cfg.get("auto_resume", True) and last.is_file():
-        return last, "auto_resume"
-    return None
+        return _loaded(Path(str(cfg.ckpt_path)).expanduser(), "ckpt_path")
+    folder = out_dir / "checkpoints"
+    if not cfg.get("auto_resume", True) or not folder.is_dir():
+        return None
+    last = folder / "last.ckpt"
+    skipped: list[tuple[Path, str]] = []
+    found: Resume | None = None
+    for path in [last, *sorted(p for p in folder.glob("*.ckpt") if p != last)]:
+        if not path.is_file():
+            continue
+        try:
+            candidate = _loaded(path, "auto_resume")
+        except UserError as err:  # "auto_resume=PATH is not a readable checkpoint: ..."
+            skipped.append((path, str(err)))
+            continue
+        if path == last:
+            found = candidate
+            break
+        newer = found is None or (candidate.step or -1, path.stat().st_mtime) > (
+            found.step or -1,
+            found.path.stat().st_mtime,
+        )
+        found = candidate if newer else found
+    if found is None and skipped:
+        listed = "\n  ".join(reason for _, reason in skipped)
+        raise CheckpointError(
+            f"{out_dir} holds no checkpoint that loads, so this run cannot resume:\n  {listed}\n"
+            "They are kept as they are. Set auto_resume=false to train afresh in this folder, or "
+            "choose another hydra.run.dir."
+        )
+    if found is not None:
+        found.skipped = skipped
+    return found
 
 
-def check_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
+def check_resume(cfg: DictConfig, out_dir: Path) -> Resume | None:
     """The checkpoint to resume from, after checking it belongs to this config.
 
     A run folder's ``last.ckpt`` written by another task, network or preprocessing would fail
@@ -111,20 +178,10 @@ def check_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
     found = resume_candidate(cfg, out_dir)
     if found is None:
         return None
-    path, why = found
-    from covidqu.models.checkpoint import read_checkpoint
-
-    try:
-        recipe = read_checkpoint(path)["covidqu"]
-    except UserError as err:
-        if why == "ckpt_path":
-            raise
-        raise type(err)(
-            f"{err} Or set auto_resume=false to train afresh instead of resuming from it."
-        ) from err
-    differences = _differences(recipe, cfg)
+    path, why = found.path, found.why
+    differences = _differences(found.recipe, cfg)
     if not differences:
-        return path
+        return found
     shown = differences[:_SHOWN]  # another task differs in every model key: the first few say it
     if len(differences) > _SHOWN:
         shown.append(f"... and {len(differences) - _SHOWN} more")
@@ -135,7 +192,7 @@ def check_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
             f"it:\n  {listed}\nResume it with the config it was trained with, or drop ckpt_path."
         )
     raise ConfigError(
-        f"{out_dir} holds a run of another config: its checkpoints/last.ckpt was written with\n"
+        f"{out_dir} holds a run of another config: its checkpoint {path.name} was written with\n"
         f"  {listed}\nNothing in that folder was changed. Start this run in another folder "
         f"(hydra.run.dir=NEW_FOLDER), or start afresh in this one with auto_resume=false (its "
         "checkpoints will then be replaced)."

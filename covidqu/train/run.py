@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from covidqu.constants import CLASSES
 from covidqu.data.layout import DataError
 from covidqu.errors import RunInterrupted, UserError
+from covidqu.files import describe_files, disk_full, remove_stale_temporaries
 from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
 from covidqu.runtime import outputs
 from covidqu.runtime.config import print_config
@@ -139,7 +140,16 @@ def train(cfg: DictConfig) -> float | None:
         outputs.write_failure(out_dir, err, "", time.time() - started)
         raise
     except Exception as err:
+        full = disk_full(err)
+        if full is not None:  # one line that says what to do, and what the run still has
+            kept = describe_files(out_dir / "checkpoints")
+            err = full.keeping(
+                f" The run's checkpoints are intact: {kept}; once there is room, the same "
+                "command resumes from the newest of them that loads."
+            )
         outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
+        if full is not None and not in_sweep():
+            raise err from None
         if in_sweep():
             log.error(
                 "this job failed (%s: %s); the sweep goes on. Details: %s",
@@ -174,16 +184,21 @@ def in_sweep() -> bool:
 
 
 def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
-    """``ckpt_path`` if given; else the run folder's own ``last.ckpt`` when ``auto_resume``;
-    either only when it was written by this config (:func:`~covidqu.train.checks.check_resume`).
+    """``ckpt_path`` if given; else, when ``auto_resume``, the run folder's newest checkpoint
+    that loads (``last.ckpt`` as a rule); either only when it was written by this config
+    (:func:`~covidqu.train.checks.check_resume`).
 
     A job requeued by Slurm after preemption or a timeout starts again in the same folder:
-    it continues from its last checkpoint instead of from scratch.
+    it continues from its last checkpoint instead of from scratch. Temporary files that a
+    writer killed mid-write left in ``checkpoints/`` are removed first.
     """
-    path = check_resume(cfg, out_dir)
-    if path is not None and not cfg.get("ckpt_path"):
-        log.warning("resuming from %s (auto_resume=true; set auto_resume=false to restart)", path)
-    return None if path is None else str(path)
+    remove_stale_temporaries(out_dir / "checkpoints")
+    found = check_resume(cfg, out_dir)
+    if found is None:
+        return None
+    if found.why == "auto_resume":
+        log.warning("%s (auto_resume=true; set auto_resume=false to restart)", found.describe())
+    return str(found.path)
 
 
 def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
