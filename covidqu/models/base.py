@@ -9,8 +9,8 @@ preprocessing from the checkpoint alone.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from covidqu.models.schedulers import Resumed, RunSteps, StepPlan, parameters, plan_steps
 from covidqu.models.tta import check_tta, tta_probabilities
 from covidqu.resolvers import to_plain
 
@@ -105,6 +106,10 @@ class CXRModule(pl.LightningModule):
         #: fitted temperature, see :mod:`covidqu.models.calibration`; set by ``load_module``
         #: from the checkpoint's sidecar, never saved in a checkpoint, never used in training).
         self.temperature = 1.0
+        #: The steps a step-counted schedule was built for (saved in checkpoints); what the
+        #: checkpoint resumed from said of its own (read before the schedule is built).
+        self.step_plan: StepPlan | None = None
+        self._resumed: Resumed | None = None
         self.save_hyperparameters(
             ignore=["net", "loss", "metrics", "optimizer", "scheduler", "recipe"]
         )
@@ -317,8 +322,13 @@ class CXRModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         kwargs: dict[str, Any] = {}
-        if "total_steps" in _parameters(self.scheduler_factory):
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        if "total_steps" in parameters(self.scheduler_factory):
+            # Before the checkpoint's scheduler state is restored and before the first step: a
+            # resume that changed the run's length is rebuilt or refused here, per schedule.
+            settings = (self.recipe.get("schedule") or {}).get("settings")
+            run = RunSteps.of(self.trainer)
+            self.step_plan = plan_steps(self.scheduler_factory, run, self._resumed, settings)
+            kwargs.update(self.step_plan.factory_kwargs())
         scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if self.scheduler_monitor:
@@ -332,10 +342,14 @@ class CXRModule(pl.LightningModule):
             **self.recipe,
             "module_class": f"{type(self).__module__}.{type(self).__qualname__}",
         }
+        if self.step_plan is not None:
+            schedule = {**(self.recipe.get("schedule") or {}), "plan": asdict(self.step_plan)}
+            checkpoint["covidqu"]["schedule"] = schedule
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "covidqu" in checkpoint and not self.recipe:
             self.recipe = {k: v for k, v in checkpoint["covidqu"].items() if k != "module_class"}
+        self._resumed = Resumed.of(checkpoint)  # Lightning calls this before configure_optimizers
 
 
 def logits_output(names: Sequence[str], shape: Sequence[Any]) -> dict[str, Any]:
@@ -374,10 +388,3 @@ def gather_rows(rows: list[Any]) -> list[Any]:
     for i in range(max(len(p) for p in parts)):
         merged += [p[i] for p in parts if i < len(p)]
     return merged
-
-
-def _parameters(factory: Callable[..., Any]) -> set[str]:
-    try:
-        return set(inspect.signature(factory).parameters)
-    except (TypeError, ValueError):
-        return set()

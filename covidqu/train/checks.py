@@ -66,7 +66,8 @@ def _plain_model(model: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _differences(recipe: Mapping[str, Any], cfg: DictConfig) -> list[str]:
-    """How the run ``recipe`` was written by differs from ``cfg``: task, network, preprocessing."""
+    """How the run ``recipe`` was written by differs from ``cfg``: task, network, preprocessing,
+    the folds validated on."""
     found: list[str] = []
 
     def compare(key: str, then: Any, now: Any) -> None:
@@ -85,6 +86,11 @@ def _differences(recipe: Mapping[str, Any], cfg: DictConfig) -> list[str]:
         compare("data.target", pre.get("target"), data.get("target"))
     for key in ("image_size", "mean", "std"):
         compare(f"data.{key}", pre.get(key), data.get(key))
+    for key in ("num_folds", "fold", "fold_seed"):
+        # Recorded since folds are: a checkpoint of an older covidqu has no such field, and its
+        # split is unknown, not another one (None is a value: the official Train / Val).
+        if key in pre and (key != "fold_seed" or pre.get("num_folds") is not None):
+            compare(f"data.{key}", pre[key], data.get(key))
     return found
 
 

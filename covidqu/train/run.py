@@ -48,6 +48,19 @@ def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     """What a checkpoint needs to rebuild the network and its preprocessing on its own."""
     module_kwargs = OmegaConf.to_container(cfg.module, resolve=True)
     module_kwargs = {k: v for k, v in module_kwargs.items() if k not in ("_target_", "metrics")}
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # What the number of optimizer steps of a run follows, by the key a user sets: a resumed
+    # run's step-counted schedule is rebuilt or refused when its length changed, naming them
+    # (covidqu.models.schedulers.plan_steps).
+    steps_from = {
+        "trainer.max_epochs": trainer.get("max_epochs"),
+        "data.batch_size": data.get("batch_size"),
+        "trainer.devices": trainer.get("devices"),
+        "trainer.num_nodes": trainer.get("num_nodes"),
+        "trainer.accumulate_grad_batches": trainer.get("accumulate_grad_batches"),
+        "trainer.limit_train_batches": trainer.get("limit_train_batches"),
+    }
     return {
         "net": OmegaConf.to_container(cfg.model, resolve=True),
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
@@ -64,12 +77,17 @@ def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
             "datamodule": cfg.data._target_,
             "subset": datamodule.subset,
             "target": datamodule.target,
-            "image_size": OmegaConf.to_container(cfg.data, resolve=True)["image_size"],
+            "image_size": data["image_size"],
             "mean": datamodule.mean,
             "std": datamodule.std,
             "in_channels": 1,
             "data_root": str(cfg.data.root),
+            # the split validated on: a resume into another fold is refused (train.checks)
+            "num_folds": getattr(datamodule, "num_folds", None),
+            "fold": getattr(datamodule, "fold", None),
+            "fold_seed": getattr(datamodule, "fold_seed", None),
         },
+        "schedule": {"settings": steps_from},
     }
 
 
