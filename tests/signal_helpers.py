@@ -1,4 +1,5 @@
-"""A test-only callback that stops a training run at a chosen batch with a real signal."""
+"""Test-only callbacks: one stops a training run at a chosen batch with a real signal, one
+pauses it there while a test acts from outside."""
 
 from __future__ import annotations
 
@@ -38,3 +39,20 @@ class SignalAt(pl.Callback):
 def _noted(trainer: pl.Trainer) -> bool:
     """Whether a signal handler has run: covidqu's (StopOnSignal.signal) or Lightning's."""
     return trainer.received_sigterm or any(getattr(cb, "signal", None) for cb in trainer.callbacks)
+
+
+class PauseAt(pl.Callback):
+    """After batch ``batch`` of epoch ``epoch``: touch ``marker``, then wait (at most ten
+    minutes) until the file ``until`` exists, so that a test can act while the run is live."""
+
+    def __init__(self, epoch: int, batch: int, marker: str, until: str) -> None:
+        self.epoch, self.batch = epoch, batch
+        self.marker, self.until = Path(marker), Path(until)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) != (self.epoch, self.batch):
+            return
+        self.marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 600
+        while not self.until.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

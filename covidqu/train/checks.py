@@ -1,6 +1,6 @@
 """What ``train`` checks before it builds anything: its values, their combination, the output
-folder, the data tree (folders only), a weights file it names, and the checkpoint it would
-resume from (:func:`check_resume`)."""
+folder (writable, no live run writing into it), the data tree (folders only), a weights file it
+names, and the checkpoint it would resume from (:func:`check_resume`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from covidqu.errors import CheckpointError, ConfigError, UserError
 from covidqu.runtime.checks import MISSING, check_output_dir, check_values, value_at
 from covidqu.runtime.cli import user_errors
+from covidqu.runtime.runlock import probe
 from covidqu.train.synthetic import with_synthetic_defaults
 
 
@@ -25,6 +26,7 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] | None = None
     check_values(cfg, "train")
     check_config(cfg)
     check_output_dir(out_dir, "hydra.run.dir")
+    probe(out_dir)  # a live run writing there: refused before Hydra overwrites its .hydra/
     if cfg.data.get("root") not in (None, ""):
         with user_errors():
             datamodule = instantiate(cfg.data)

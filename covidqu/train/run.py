@@ -26,7 +26,7 @@ from covidqu.data.layout import DataError
 from covidqu.errors import RunInterrupted, UserError
 from covidqu.files import describe_files, disk_full, remove_stale_temporaries
 from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
-from covidqu.runtime import outputs
+from covidqu.runtime import outputs, runlock
 from covidqu.runtime.config import print_config
 from covidqu.runtime.distributed import job_scope, use_job_command_for_ddp
 from covidqu.runtime.interrupts import StopOnSignal, interrupted
@@ -143,13 +143,16 @@ def train(cfg: DictConfig) -> float | None:
         apply_synthetic_defaults(cfg)
         check(cfg, out_dir)
     except UserError as err:
-        if in_sweep():  # Hydra has made the job's folder already: say there why it stopped
+        # Hydra has made the job's folder already: say there why it stopped (unless another
+        # live run is writing there: not even failure.txt then; this duplicate sweep stops)
+        if in_sweep() and not isinstance(err, runlock.FolderInUse):
             out_dir.mkdir(parents=True, exist_ok=True)
             outputs.write_failure(out_dir, err, "", time.time() - started)
             log.error("this job was refused (%s); the sweep goes on", err)
             return _worst(cfg)
         raise
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = runlock.take(out_dir)  # one writer per run folder: refused while another runs here
     outputs.clear_failure(out_dir)  # an earlier attempt's note: this attempt decides anew
     try:
         with job_scope():
@@ -184,6 +187,8 @@ def train(cfg: DictConfig) -> float | None:
     except BaseException as err:  # interrupted: record it, then stop as asked
         outputs.write_failure(out_dir, err, traceback.format_exc(), time.time() - started)
         raise
+    finally:
+        lock.release()
 
 
 def _worst(cfg: DictConfig) -> float:
