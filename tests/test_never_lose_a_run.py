@@ -31,7 +31,7 @@ from covidqu.runtime import outputs
 from covidqu.runtime.checkpoint_io import AtomicCheckpointIO
 from covidqu.train.checks import check_resume
 
-from pipeline_helpers import PROJECT_ROOT, TINY, compose_config, read_metrics
+from pipeline_helpers import CONF, PROJECT_ROOT, TINY, compose_config, read_metrics
 from shared_folders import copy_shared
 
 
@@ -101,6 +101,18 @@ def test_the_csv_log_is_rewritten_whole_with_every_row(tmp_path):
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0].split(",") == ["step", "train/loss", "val/dice"]
     assert len(lines) == 3
+
+
+@pytest.mark.parametrize("trainer", sorted(p.stem for p in (CONF / "trainer").glob("*.yaml")))
+def test_every_trainer_config_saves_checkpoints_through_the_atomic_writer(trainer, tmp_path):
+    cfg = compose_config("train", [f"trainer={trainer}"], tmp_path)
+    plugins = [p["_target_"] for p in cfg.trainer.get("plugins") or []]
+    assert plugins == ["covidqu.runtime.checkpoint_io.AtomicCheckpointIO"]
+    if cfg.trainer.accelerator in ("cpu", "auto"):  # and Lightning's strategy takes it
+        from hydra.utils import instantiate
+
+        built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert isinstance(built.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_a_checkpoint_that_cannot_fit_is_refused_before_a_byte_is_written(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ def test_a_second_process_on_a_live_run_is_refused_and_changes_nothing(synth_roo
         assert {"checkpoints/last.ckpt", ".hydra/overrides.yaml"} <= set(before)
 
         # the same command, with another seed: had Hydra written .hydra/, it would differ
-        second = run_module("covidqu.train", [*args, "seed=7"], env=ENV, timeout=600)
+        second = run_module("covidqu.train", [*args, "seed=7"], env=ENV, timeout=180)
         said = second.stdout + second.stderr
         assert second.returncode == 2, said[-3000:]
         assert "Traceback" not in said
