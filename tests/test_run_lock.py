@@ -150,6 +150,7 @@ def test_an_interrupted_run_releases_its_folder_and_the_requeued_job_resumes(
     assert read_metrics(tmp_path)["epochs"] == 2
 
 
+@pytest.mark.slow  # the default suite has it in a sweep: test_sweeps' DDP jobs
 def test_a_ddp_run_is_not_refused_by_its_own_lock(synth_root, tmp_path):
     run = tmp_path / "run"
     args = [o for o in QUICK if o != "trainer.devices=1"]

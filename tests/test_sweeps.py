@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from covidqu.report import main as report_main
+from covidqu.runtime.runlock import LOCK_FILE
 
 from pipeline_helpers import PROJECT_ROOT, TINY, read_csv, read_metrics, run_module
 
@@ -258,6 +259,7 @@ def test_ddp_cpu_inside_a_sweep_counts_every_test_image_once(synth_root, tmp_pat
         rows = read_csv(job / "per_image.csv")
         assert len(rows) == 9 and len({r["id"] for r in rows}) == 9  # 9 test images, no repeats
         assert (job / "train_ddp_process_1.log").is_file()  # both processes logged here
+        assert not (job / LOCK_FILE).exists()  # held by the first process alone, released
     # no stray folders from the re-launched processes, nothing written elsewhere
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0", "1"]
     assert not (tmp_path / "project").exists()
