@@ -202,6 +202,41 @@ RULES: tuple[Rule, ...] = (
         for part, weight in (("seg", 1.0), ("cls", 0.5))
     ),
     Rule("detect.n_boot", _int_at_least(0), "an integer >= 0", "detect.n_boot=1000"),
+    Rule(
+        "postprocess.mode",
+        _one_of("auto", "fixed"),
+        "auto or fixed",
+        "postprocess=auto",
+        ("train",),
+    ),
+    Rule(
+        "postprocess.mode",
+        _one_of("checkpoint", "fixed"),
+        "the checkpoint's, none or all",
+        "postprocess=checkpoint",
+        ("eval", "predict", "analyze", "export"),
+    ),
+    Rule(
+        "postprocess.lung_components",
+        _int_at_least(0),
+        "an integer >= 0 (0: off)",
+        "postprocess.lung_components=2",
+    ),
+    *(
+        Rule(
+            f"postprocess.{k}",
+            lambda x: isinstance(x, bool),
+            "true or false",
+            f"postprocess.{k}=true",
+        )
+        for k in ("fill_holes", "inside_lung")
+    ),
+    Rule(
+        "postprocess.min_infection_area",
+        lambda x: _number(x) and 0 <= x < 1,
+        "a share of the image in [0, 1) (0: off)",
+        "postprocess.min_infection_area=0.001",
+    ),
     *(
         Rule(f"grades.{g}", lambda x: _number(x) and 0 <= x <= 100, "a percent in [0, 100]", "25")
         for g in ("mild", "moderate", "severe", "critical")

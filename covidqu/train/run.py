@@ -26,11 +26,13 @@ from covidqu.data.layout import DataError
 from covidqu.errors import RunInterrupted, UserError
 from covidqu.files import describe_files, disk_full, remove_stale_temporaries
 from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
+from covidqu.models.postprocess import post_figures
 from covidqu.runtime import outputs, runlock
 from covidqu.runtime.config import print_config
 from covidqu.runtime.distributed import job_scope, use_job_command_for_ddp
 from covidqu.runtime.interrupts import StopOnSignal, interrupted
 from covidqu.runtime.loggers import CSVResume, finish_loggers, log_config
+from covidqu.train import postprocess
 from covidqu.train.checks import check, check_resume
 from covidqu.train.synthetic import apply_synthetic_defaults
 
@@ -88,6 +90,8 @@ def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
             "fold_seed": getattr(datamodule, "fold_seed", None),
         },
         "schedule": {"settings": steps_from},
+        # the masks' post-processing; postprocess=auto writes its choice in once it is made
+        "postprocess": postprocess.recorded(cfg),
     }
 
 
@@ -281,14 +285,20 @@ def _final_metrics(
     if best is None and not trainer.fast_dev_run:
         log.warning("no best checkpoint was recorded; final figures use the last weights")
     figures: dict[str, Any] = {}
+    postprocess.prepare(cfg, module)  # postprocess=auto: every combination scored on Val
     figures.update(_score_best(trainer.validate, module, datamodule, best))
+    chosen = postprocess.settle(cfg, module, best, out_dir, trainer.is_global_zero)
     if cfg.get("test", True):
         if _has_split(datamodule, "test"):
             figures.update(_score_best(trainer.test, module, datamodule, best))
+            if hasattr(module, "postprocess"):  # the test images' masks as post-processed
+                covid = "infection" if "infection" in module.class_names else None
+                figures.update(post_figures("test", module.test_records, covid))
             outputs.write_test_outputs(module, out_dir)
         else:
             log.warning("no test split under %s: test figures are skipped", cfg.data.root)
     metrics: dict[str, Any] = outputs.clean_figures(figures)
+    metrics.update(chosen)
     metrics["monitor"] = cfg.task.monitor
     metrics["epochs"] = int(trainer.current_epoch)
     metrics["world_size"] = int(trainer.world_size)
