@@ -26,16 +26,16 @@ def config_of(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
-def recorded(cfg: DictConfig) -> dict[str, Any]:
+def recorded_steps(cfg: DictConfig) -> dict[str, Any]:
     """The steps a checkpoint records as it is saved: the fixed ones; none while ``auto`` has
-    yet to choose (:func:`settle` writes the choice into the best checkpoint)."""
+    yet to choose (:func:`settle_choice` writes the choice into the best checkpoint)."""
     node = config_of(cfg)
     if node.get("mode", "fixed") != "fixed":
         return PostProcess().as_dict()
     return PostProcess.from_config(node).as_dict()
 
 
-def prepare(cfg: DictConfig, module: Any) -> None:
+def prepare_choice(cfg: DictConfig, module: Any) -> None:
     """Before the best checkpoint is validated: with ``postprocess=auto``, have the
     segmentation ``module`` score every combination of the steps on each validation image."""
     if not hasattr(module, "trials"):  # classification: no masks
@@ -45,7 +45,7 @@ def prepare(cfg: DictConfig, module: Any) -> None:
         module.trials = trials(module.class_names, PostProcess.from_config(node))
 
 
-def settle(cfg: DictConfig, module: Any, best: str | None, out_dir: Path, rank_zero: bool) -> dict:
+def settle_choice(cfg: DictConfig, module: Any, best: str | None, out_dir: Path, rank_zero: bool) -> dict:
     """After the validation of the best checkpoint: choose (``auto``), record the choice in
     ``postprocess.json`` and in ``best``, and set it on ``module`` for the test. The figures
     for ``metrics.json``: ``val/dice_image_post`` and the steps kept."""

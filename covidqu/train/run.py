@@ -32,7 +32,7 @@ from covidqu.runtime.config import print_config
 from covidqu.runtime.distributed import job_scope, use_job_command_for_ddp
 from covidqu.runtime.interrupts import StopOnSignal, interrupted
 from covidqu.runtime.loggers import CSVResume, finish_loggers, log_config
-from covidqu.train import postprocess
+from covidqu.train.postprocess import prepare_choice, recorded_steps, settle_choice
 from covidqu.train.checks import check, check_resume
 from covidqu.train.synthetic import apply_synthetic_defaults
 
@@ -91,7 +91,7 @@ def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
         },
         "schedule": {"settings": steps_from},
         # the masks' post-processing; postprocess=auto writes its choice in once it is made
-        "postprocess": postprocess.recorded(cfg),
+        "postprocess": recorded_steps(cfg),
     }
 
 
@@ -285,9 +285,9 @@ def _final_metrics(
     if best is None and not trainer.fast_dev_run:
         log.warning("no best checkpoint was recorded; final figures use the last weights")
     figures: dict[str, Any] = {}
-    postprocess.prepare(cfg, module)  # postprocess=auto: every combination scored on Val
+    prepare_choice(cfg, module)  # postprocess=auto: every combination scored on Val
     figures.update(_score_best(trainer.validate, module, datamodule, best))
-    chosen = postprocess.settle(cfg, module, best, out_dir, trainer.is_global_zero)
+    chosen = settle_choice(cfg, module, best, out_dir, trainer.is_global_zero)
     if cfg.get("test", True):
         if _has_split(datamodule, "test"):
             figures.update(_score_best(trainer.test, module, datamodule, best))
