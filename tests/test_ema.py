@@ -25,8 +25,11 @@ from pipeline_helpers import TINY, compose_config, read_csv, read_metrics
 from shared_folders import SharedFolders
 
 DECAY = 0.5
+#: A network of 0.1 M weights (timm's test ResNet), so that keeping every step's weights is cheap.
+NET = ["encoder=timm", "encoder.name=tu-test_resnet", "encoder.weights=null"]
 BASE = [
-    *TINY,
+    *(o for o in TINY if not o.startswith("encoder")),
+    *NET,
     "augment=none",
     "trainer.deterministic=true",
     "data.batch_size=2",
