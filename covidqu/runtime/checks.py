@@ -172,6 +172,14 @@ RULES: tuple[Rule, ...] = (
         )
         for s in ("train", "val", "test")
     ),
+    Rule("ema", lambda x: isinstance(x, bool), "true or false", "ema=true", ("train",)),
+    Rule(
+        "ema_decay",
+        lambda x: _number(x) and 0 < x < 1,
+        "a number between 0 and 1 (exclusive)",
+        "ema_decay=0.999",
+        ("train",),
+    ),
     Rule("callbacks.early_stopping.patience", _int_at_least(0), "an integer >= 0", "20"),
     Rule("batch_size", _int_at_least(1), "an integer >= 1", "batch_size=16"),
     Rule("num_workers", _int_at_least(0), "an integer >= 0", "num_workers=4"),

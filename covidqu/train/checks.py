@@ -93,6 +93,13 @@ def _differences(recipe: Mapping[str, Any], cfg: DictConfig) -> list[str]:
         # split is unknown, not another one (None is a value: the official Train / Val).
         if key in pre and (key != "fold_seed" or pre.get("num_folds") is not None):
             compare(f"data.{key}", pre[key], data.get(key))
+    # With ema, a checkpoint's state_dict is the average: resumed without ema, training would
+    # go on from it as if it were the raw weights. A checkpoint older than the key had none.
+    then_ema = recipe.get("ema") or {"enabled": False, "decay": None}
+    now_ema = value_at(cfg, "ema") is True
+    compare("ema", then_ema.get("enabled", False), now_ema)
+    if now_ema and then_ema.get("enabled"):
+        compare("ema_decay", then_ema.get("decay"), value_at(cfg, "ema_decay"))
     return found
 
 

@@ -28,6 +28,7 @@ from covidqu.files import describe_files, disk_full, remove_stale_temporaries
 from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
 from covidqu.models.postprocess import post_figures
 from covidqu.runtime import outputs, runlock
+from covidqu.runtime.callbacks import EMA
 from covidqu.runtime.config import print_config
 from covidqu.runtime.distributed import job_scope, use_job_command_for_ddp
 from covidqu.runtime.interrupts import StopOnSignal, interrupted
@@ -92,7 +93,15 @@ def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
         "schedule": {"settings": steps_from},
         # the masks' post-processing; postprocess=auto writes its choice in once it is made
         "postprocess": recorded_steps(cfg),
+        # whether state_dict holds an exponential moving average of the weights, and its decay
+        "ema": ema_settings(cfg),
     }
+
+
+def ema_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``{"enabled": ..., "decay": ...}`` of ``ema`` / ``ema_decay`` (decay null when off)."""
+    enabled = bool(cfg.get("ema", False))
+    return {"enabled": enabled, "decay": float(cfg.ema_decay) if enabled else None}
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
@@ -240,6 +249,8 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     # are what train() promises, whichever callbacks a config lists.
     stopper = StopOnSignal(out_dir / "checkpoints" / "last.ckpt")
     callbacks = [*instantiate_all(cfg.get("callbacks")), stopper, CSVResume()]
+    if cfg.get("ema", False):  # a switch and a decay a user types, not a callbacks entry
+        callbacks.append(EMA(decay=cfg.ema_decay))
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -306,6 +317,7 @@ def _final_metrics(
     # the folds of one setting by these
     metrics["num_folds"] = getattr(datamodule, "num_folds", None)
     metrics["fold"] = getattr(datamodule, "fold", None)
+    metrics["ema_decay"] = ema_settings(cfg)["decay"]  # null: the weights are not averaged
     metrics["best_checkpoint"] = outputs.relative(best, out_dir) if best is not None else None
     return metrics
 
