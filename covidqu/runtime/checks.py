@@ -180,6 +180,13 @@ RULES: tuple[Rule, ...] = (
         "ema_decay=0.999",
         ("train",),
     ),
+    Rule(
+        "encoder.load_decoder",
+        lambda x: isinstance(x, bool),
+        "true or false",
+        "encoder.load_decoder=true",
+        ("train",),
+    ),
     Rule("callbacks.early_stopping.patience", _int_at_least(0), "an integer >= 0", "20"),
     Rule("batch_size", _int_at_least(1), "an integer >= 1", "batch_size=16"),
     Rule("num_workers", _int_at_least(0), "an integer >= 0", "num_workers=4"),

@@ -45,7 +45,9 @@ def prepare_choice(cfg: DictConfig, module: Any) -> None:
         module.trials = trials(module.class_names, PostProcess.from_config(node))
 
 
-def settle_choice(cfg: DictConfig, module: Any, best: str | None, out_dir: Path, rank_zero: bool) -> dict:
+def settle_choice(
+    cfg: DictConfig, module: Any, best: str | None, out_dir: Path, rank_zero: bool
+) -> dict:
     """After the validation of the best checkpoint: choose (``auto``), record the choice in
     ``postprocess.json`` and in ``best``, and set it on ``module`` for the test. The figures
     for ``metrics.json``: ``val/dice_image_post`` and the steps kept."""

@@ -33,8 +33,8 @@ from covidqu.runtime.config import print_config
 from covidqu.runtime.distributed import job_scope, use_job_command_for_ddp
 from covidqu.runtime.interrupts import StopOnSignal, interrupted
 from covidqu.runtime.loggers import CSVResume, finish_loggers, log_config
-from covidqu.train.postprocess import prepare_choice, recorded_steps, settle_choice
 from covidqu.train.checks import check, check_resume
+from covidqu.train.postprocess import prepare_choice, recorded_steps, settle_choice
 from covidqu.train.synthetic import apply_synthetic_defaults
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,11 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node and "_target_" in node]
 
 
-def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild the network and its preprocessing on its own."""
+def make_recipe(
+    cfg: DictConfig, datamodule: Any, transfer: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild the network and its preprocessing on its own, and
+    what its network was initialised from (``transfer``: what a covidqu checkpoint gave it)."""
     module_kwargs = OmegaConf.to_container(cfg.module, resolve=True)
     module_kwargs = {k: v for k, v in module_kwargs.items() if k not in ("_target_", "metrics")}
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -95,6 +98,11 @@ def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
         "postprocess": recorded_steps(cfg),
         # whether state_dict holds an exponential moving average of the weights, and its decay
         "ema": ema_settings(cfg),
+        "init": {
+            "encoder.weights": _plain_weights(cfg.encoder.get("weights")),
+            "encoder.load_decoder": bool(cfg.encoder.get("load_decoder", False)),
+            "from_checkpoint": transfer,
+        },
     }
 
 
@@ -102,6 +110,10 @@ def ema_settings(cfg: DictConfig) -> dict[str, Any]:
     """``{"enabled": ..., "decay": ...}`` of ``ema`` / ``ema_decay`` (decay null when off)."""
     enabled = bool(cfg.get("ema", False))
     return {"enabled": enabled, "decay": float(cfg.ema_decay) if enabled else None}
+
+
+def _plain_weights(weights: Any) -> Any:
+    return weights if weights is None or isinstance(weights, bool | str) else str(weights)
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
@@ -112,6 +124,14 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
     check_input_size(net, datamodule.image_size)
+    transfer = None
+    if cfg.encoder.get("load_decoder"):
+        from covidqu.models.transfer import load_decoder
+
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        loaded = load_decoder(net, cfg.encoder.weights, datamodule.target, model)
+        log.info("%s", loaded.describe())
+        transfer = loaded.record()
     loss = instantiate(cfg.loss)
     metrics = instantiate(cfg.module.metrics)
     module = instantiate(
@@ -123,7 +143,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
         scheduler=instantiate(cfg.scheduler.scheduler) if cfg.scheduler.scheduler else None,
         scheduler_interval=cfg.scheduler.interval,
         scheduler_monitor=cfg.scheduler.monitor,
-        recipe=make_recipe(cfg, datamodule),
+        recipe=make_recipe(cfg, datamodule, transfer),
         _recursive_=False,
         _convert_="all",  # plain lists and dicts: checkpoints then load with weights_only
     )
