@@ -167,9 +167,9 @@ def test_scoring_test_uses_a_threshold_chosen_on_val(checkpoints, synth_root, tm
     analysis.analyze(compose_config("analyze", val_args, val_out))
     assert read_metrics(val_out)["detect/threshold_source"] == "fixed"
     val_rows = read_csv(val_out / analysis.ANALYSIS_FILE)
-    expected = choose_threshold(
-        [float(r["covid_score"]) for r in val_rows], [int(r["true_covid"]) for r in val_rows]
-    )
+    val_scores = [float(r["covid_score"]) for r in val_rows]
+    expected = choose_threshold(val_scores, [int(r["true_covid"]) for r in val_rows])
+    assert expected not in val_scores  # midway between two Val scores, never on one
 
     test_out = tmp_path / "test"
     proc = run_module("covidqu.analyze", [*common, "split=test", f"hydra.run.dir={test_out}"])
@@ -246,7 +246,8 @@ def test_a_score_exactly_at_the_threshold_is_called_covid_everywhere(
     behind metrics.json's sensitivity and specificity (and the ROC plot's operating point).
 
     The stages are replaced by masks made per image: the whole image is lung, and its top rows
-    are infected, so shares are exact (12 of 48 rows: 25.0 %)."""
+    are infected, so shares are exact (12 of 48 rows: 25.0 %). The grades' cut-offs are given on
+    the command line, and every row's grade follows them, not the defaults."""
     from matplotlib.figure import Figure
 
     from covidqu.data.readers import PngReader
@@ -293,6 +294,7 @@ def test_a_score_exactly_at_the_threshold_is_called_covid_everywhere(
 
     models = [f"lung_ckpt={checkpoints['lung']}", f"infection_ckpt={checkpoints['infection']}"]
     args = [f"data.root={synth_root}", "split=test", "detect.threshold=25", "detect.n_boot=10"]
+    args += ["grades.moderate=10", "grades.severe=20", "grades.critical=40"]
     analysis.analyze(compose_config("analyze", [*models, *args, "data.num_workers=0"], tmp_path))
     metrics, rows = read_metrics(tmp_path), read_csv(tmp_path / analysis.ANALYSIS_FILE)
 
@@ -300,8 +302,12 @@ def test_a_score_exactly_at_the_threshold_is_called_covid_everywhere(
     assert [float(r["covid_score"]) for r in rows] == [100 * by_id[r["id"]] / 48 for r in rows]
     on_threshold = [r for r in rows if float(r["covid_score"]) == 25.0]
     assert {r["class"] for r in on_threshold} == {"COVID-19", "Non-COVID"}
+    # 24 rows: 50 % (critical above 40; moderate by default), 12: 25 % (severe; mild by default),
+    # 6: 12.5 % (moderate; mild by default), 0: none
+    grade_of = {24: "critical", 12: "severe", 6: "moderate", 0: "none"}
     for row in rows:
         assert int(row["covid"]) == int(by_id[row["id"]] >= 12), row
+        assert row["grade"] == grade_of[by_id[row["id"]]], row
     assert len(captions) == len(rows)  # one overlay per image, in the rows' order
     for row, text in zip(rows, captions, strict=True):
         assert text.endswith("COVID-19 yes" if row["covid"] == "1" else "COVID-19 no"), (row, text)

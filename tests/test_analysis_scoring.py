@@ -53,8 +53,9 @@ def test_choose_threshold_youden_by_hand() -> None:
     #   t    0    1    2    5    6    9    10
     #   J    3/3  4/3  5/3  4/3  5/3  4/3  3/3
     # Best 5/3 at t = 2 (sens 1, spec 2/3) and t = 6 (sens 2/3, spec 1): the tie goes to the
-    # smallest, 2. Under "score > t" the best would be t = 1 instead.
-    assert choose_threshold(SCORES, TRUTH) == 2.0
+    # smallest, 2: call the scores from 2 up. The threshold lies midway between 1, the highest
+    # score left uncalled, and 2: 1.5, which makes the same calls.
+    assert choose_threshold(SCORES, TRUTH) == 1.5
     m = detection_metrics(SCORES, TRUTH, 2.0, n_boot=10)
     assert m["sensitivity"] == 1.0
     assert m["specificity"] == approx(2 / 3)
@@ -63,18 +64,57 @@ def test_choose_threshold_youden_by_hand() -> None:
 def test_choose_threshold_ties_are_exact_not_rounded() -> None:
     # P = 2, N = 6. t = 2: tp 2, tn 2 -> J = 1 + 2/6; t = 6: tp 1, tn 5 -> J = 1/2 + 5/6; both
     # 4/3, but in floating point the second comes out larger (1.3333333333333335). Every other
-    # t is worse (e.g. t = 1: 1 + 1/6; t = 5: 1/2 + 4/6). The tie rule must give 2.
+    # t is worse (e.g. t = 1: 1 + 1/6; t = 5: 1/2 + 4/6). The tie rule must call from 2 up:
+    # midway between 1 and 2.
     scores = [0, 1, 2, 3, 4, 5, 6, 7]
     truth = [0, 0, 1, 0, 0, 0, 1, 0]
-    assert choose_threshold(scores, truth) == 2.0
+    assert choose_threshold(scores, truth) == 1.5
 
 
 def test_choose_threshold_without_information_calls_everything() -> None:
     # Scores ranked the wrong way round (COVID-19 0, 1; other 2): J = 1 + 0 at t = 0 (call
     # all), 1/2 + 0 at t = 1, 0 + 0 at t = 2, 0 + 1 at t = 3 (call nothing). The tie between
     # calling all and calling nothing goes to calling all; likewise when all scores are equal.
-    assert choose_threshold([0, 1, 2], [1, 1, 0]) == 0.0
-    assert choose_threshold([4, 4, 4], [1, 0, 1]) == 4.0
+    # Below the lowest score there is one neighbour: half the gap to it below (0 - 1/2); a lone
+    # score has none, and the threshold lies the fixed margin (1) below it.
+    assert choose_threshold([0, 1, 2], [1, 1, 0]) == -0.5
+    assert choose_threshold([4, 4, 4], [1, 0, 1]) == 3.0
+
+
+def test_midway_at_the_ends_and_between_adjacent_floats() -> None:
+    assert detection.midway(np.array([1.0, 3.0, 4.0]), 1) == 2.0  # calls 3 and 4
+    assert detection.midway(np.array([1.0, 3.0, 4.0]), 3) == 4.5  # calls none: above 4
+    assert detection.midway(np.array([7.0]), 1) == 8.0
+    # no float lies strictly between these two: the upper one still separates them under >=
+    low = 0.1
+    high = float(np.nextafter(low, 1.0))
+    thr = detection.midway(np.array([low, high]), 1)
+    assert detection.called(high, thr) and not detection.called(low, thr)
+    with pytest.raises(ValueError, match="midway: index 3"):
+        detection.midway(np.array([1.0, 2.0]), 3)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_chosen_threshold_lies_midway_and_keeps_the_best_calls(seed: int) -> None:
+    # ties between scores (rounded to 1 decimal) and between classes included
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, 40)
+    truth[:2] = [0, 1]
+    scores = np.round(rng.normal(truth * 1.0, 1.0), 1)
+    thr = choose_threshold(scores, truth)
+    distinct = np.unique(scores)
+    assert thr not in distinct  # never on a score
+    below, above = distinct[distinct < thr], distinct[distinct > thr]
+    if below.size and above.size:  # midway between its two neighbours
+        assert thr == approx((below[-1] + above[0]) / 2)
+    # the calls are the best ones (Youden's J over every candidate), and the smallest of ties
+    cands, tp, tn = operating_points(scores, truth == 1)
+    p, n = int(truth.sum()), int((truth == 0).sum())
+    best = int(np.argmax(tp * n + tn * p))
+    assert np.array_equal(detection.called(scores, thr), scores >= cands[best])
+    m = detection_metrics(scores, truth, thr, n_boot=1)
+    assert m["sensitivity"] == approx(tp[best] / p)
+    assert m["specificity"] == approx(tn[best] / n)
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,12 @@ CASES: tuple[Case, ...] = (
         ("infection_ckpt={lung_ckpt}", "grades.mild=abc", "output={prev}"),
         ("grades.mild",),
     ),
+    Case(  # each in 0..100, but not rising: refused before the checkpoints are looked at
+        "analyze-grades-not-rising",
+        "analyze",
+        ("infection_ckpt={lung_ckpt}", "grades.severe=20", "output={prev}"),
+        ("grades.severe=20", "grades.moderate=25.0"),
+    ),
     Case(
         "analyze-train-split",
         "analyze",

@@ -193,6 +193,7 @@ def _eval(ckpt: Path, root: Path, out: Path, tta: str) -> dict:
         "num_overlays=0",
         "trainer.accelerator=cpu",
         f"tta={tta}",
+        "postprocess=none",  # the network's masks, as the figures by hand below
     ]
     evaluate(compose_config("eval", overrides, out))
     return read_metrics(out)

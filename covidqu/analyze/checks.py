@@ -1,5 +1,6 @@
-"""What ``analyze`` checks before it loads a model: its values, the checkpoints it names, that
-the infection model can give the detection score asked for, the inputs, the output folder."""
+"""What ``analyze`` checks before it loads a model: its values (the severity grades' cut-offs
+rising within 0..100 among them), the checkpoints it names, that the infection model can give
+the detection score asked for, the inputs, the output folder."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from covidqu.runtime.checks import (
     check_values,
     refuse_empty_lists,
     require,
+    value_at,
 )
+from covidqu.scoring.severity import check_cutoffs
 
 #: The checkpoints ``analyze`` takes.
 CKPT_KEYS = ("lung_ckpt", "infection_ckpt")
@@ -60,6 +63,7 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] = ()) -> None
     from covidqu.runtime.inputs import find_inputs
 
     check_values(cfg, "analyze")
+    check_cutoffs(value_at(cfg, "grades"))  # each in 0..100 by RULES; here: rising, all there
     refuse_empty_lists(cfg, *CKPT_KEYS)
     require(cfg, ["infection_ckpt"], USAGE)
     recipes = {key: check_checkpoints(cfg[key], key) for key in CKPT_KEYS if cfg.get(key)}

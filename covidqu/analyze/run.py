@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from covidqu.analyze.checks import USAGE, check_detect_score
 from covidqu.analyze.stages import TwoStages, load_stages, run_stages, split_samples
 from covidqu.errors import ConfigError
+from covidqu.models.postprocess import apply_config
 from covidqu.models.tta import check_tta
 from covidqu.runtime import outputs
 from covidqu.runtime.checks import require
@@ -135,6 +136,7 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
     )
     for stage_module in stages.modules():
         stage_module.tta = tta  # both stages' masks are of the TTA mean
+        apply_config(stage_module, OmegaConf.to_container(cfg.postprocess))
     trainer = evaluation_trainer(trainer_config(cfg))
     cutoffs = check_cutoffs(cfg.grades)
     out = Path(cfg.output or cfg.paths.output_dir).expanduser()  # made once the models fit
@@ -193,6 +195,8 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
         metrics["split"] = split
         metrics["tta"] = tta
         metrics["detect_score"] = by
+        metrics["postprocess_lung"] = stages.lung.postprocess.describe()
+        metrics["postprocess_infection"] = stages.infection.postprocess.describe()
         metrics["world_size"] = int(trainer.world_size)
         outputs.write_rows(out / ANALYSIS_FILE, rows)
         outputs.write_metrics(out, metrics)

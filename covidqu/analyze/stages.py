@@ -96,8 +96,11 @@ def stage_outputs(
         h, w = img.shape
         lung_mask = stages.lung.mask_at(probs[id(stages.lung)][0][i], h, w)
         inf_mask = stages.infection.mask_at(probs[id(stages.infection)][0][i], h, w)
-        lung = stages.lung.region(lung_mask, "lung")
-        infection = stages.infection.region(inf_mask, "infection") & lung
+        # each model's own post-processing (its checkpoint's, or postprocess=none|all): the
+        # lung's steps on the lung, the infection's on the infection inside that lung
+        lung = stages.lung.postprocess.lung(stages.lung.region(lung_mask, "lung"))
+        infection = stages.infection.region(inf_mask, "infection")
+        infection = stages.infection.postprocess.infection(infection, lung) & lung
         out.append((lung, infection, None if classes is None else float(classes[i, COVID])))
     return out
 

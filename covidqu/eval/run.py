@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from covidqu.eval.calibrate import calibrate, check_calibrate, device_of
 from covidqu.eval.checks import USAGE
@@ -17,6 +17,7 @@ from covidqu.models.ensemble import (
     load_model,
     temperatures,
 )
+from covidqu.models.postprocess import apply_config, post_figures
 from covidqu.models.tta import check_tta
 from covidqu.runtime import outputs
 from covidqu.runtime.checks import refuse_empty_lists, require
@@ -53,6 +54,7 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     if cfg.get("calibrate"):
         check_calibrate(cfg.ckpt_path)
     module = load_model(cfg.ckpt_path)
+    apply_config(module, OmegaConf.to_container(cfg.postprocess) if "postprocess" in cfg else None)
     pre = preprocessing(module)
     datamodule = datamodule_for(
         pre,
@@ -84,6 +86,10 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     metrics["tta"] = tta
     metrics["temperature"] = temperatures(module)
     metrics.update(fitted)
+    if hasattr(module, "postprocess"):  # the figures of the masks as post-processed, beside
+        covid = "infection" if "infection" in module.class_names else None
+        metrics.update(post_figures(split, module.test_records, covid))
+        metrics["postprocess"] = module.postprocess.describe()
     metrics["images"] = len(module.test_records)
     metrics["world_size"] = int(trainer.world_size)
     metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip

@@ -31,6 +31,7 @@ from covidqu.export.checks import (
     check_single_output,
 )
 from covidqu.export.formats import EXPORTERS
+from covidqu.models.postprocess import apply_config
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ def metadata(module: Any) -> dict[str, Any]:
             ),
         },
         "output": output,
+        # the steps covidqu applies to the thresholded masks (covidqu.models.postprocess): a
+        # deployment that reproduces covidqu's masks applies them too
+        "postprocess": module.postprocess.as_dict() if hasattr(module, "postprocess") else None,
     }
 
 
@@ -104,7 +108,10 @@ def check_export(net: torch.nn.Module, run: Callable[[torch.Tensor], np.ndarray]
 
 
 def export(
-    ckpt_path: str | os.PathLike[str], output: str | os.PathLike[str], fmt: str = "onnx"
+    ckpt_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    fmt: str = "onnx",
+    postprocess: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the network of ``ckpt_path`` to ``output`` in format ``fmt`` (see the module
     docstring), after checking it; the file is replaced only once the export is checked."""
@@ -114,6 +121,7 @@ def export(
     check_installed(fmt)
     path = check_output(output)
     module = load_module(ckpt_path)
+    apply_config(module, postprocess)
     check_single_output(type(module), module.recipe, ckpt_path)
     meta = metadata(module)
     h, w = meta["preprocessing"]["image_size"]
@@ -137,4 +145,4 @@ def export(
 def run(cfg: Mapping[str, Any]) -> Path:
     """``export`` with the keys of ``conf/export.yaml``."""
     check_required(cfg)
-    return export(cfg["ckpt_path"], cfg["output"], cfg["format"])
+    return export(cfg["ckpt_path"], cfg["output"], cfg["format"], cfg.get("postprocess"))

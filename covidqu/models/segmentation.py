@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from covidqu.constants import CLASSES, TARGETS
-from covidqu.models.base import CXRModule, logits_output
+from covidqu.models.base import CXRModule, detached, gather_rows, logits_output
 from covidqu.models.figures import denormalise, segmentation_panel, tint
 from covidqu.models.metrics import default_class_names, per_image_scores
+from covidqu.models.postprocess import PostProcess
 from covidqu.scoring.severity import infected_share
 
 
@@ -37,6 +38,25 @@ class SegmentationModule(CXRModule):
         if not 0 < threshold < 1:
             raise ValueError(f"module.threshold must be in (0, 1), got {threshold}")
         self.threshold = threshold
+        #: Post-processing set by a command (``postprocess=none|all``); ``None``: the recipe's.
+        self._postprocess: PostProcess | None = None
+        #: ``postprocess=auto`` after training: the combinations of steps to score on the
+        #: validation split (:func:`covidqu.models.postprocess.trials`), and each image's Dice
+        #: under each of them.
+        self.trials: dict[str, PostProcess] | None = None
+        self.trial_rows: list[dict[str, float]] = []
+
+    @property
+    def postprocess(self) -> PostProcess:
+        """The post-processing of this model's masks: as a command set it, else as the
+        checkpoint's recipe records it (chosen on Val after training), else none."""
+        if self._postprocess is not None:
+            return self._postprocess
+        return PostProcess.from_config(self.recipe.get("postprocess"))
+
+    @postprocess.setter
+    def postprocess(self, steps: PostProcess | None) -> None:
+        self._postprocess = steps
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -75,10 +95,65 @@ class SegmentationModule(CXRModule):
             return (logits[:, 0].sigmoid() > self.threshold).long()
         return logits.argmax(dim=1)
 
+    def clean_masks(
+        self, masks: Tensor, lung: Tensor | None, steps: PostProcess | None = None
+    ) -> Tensor:
+        """``masks`` (from :meth:`predict_masks`) after ``steps`` (default: :attr:`postprocess`);
+        ``lung``: the batch's true lung (B x 1 x H x W), which a binary infection mask is kept
+        inside."""
+        steps = self.postprocess if steps is None else steps
+        if not steps.active:
+            return masks
+        found = masks.cpu().numpy()
+        lungs = None if lung is None else (lung.reshape(found.shape) > 0.5).cpu().numpy()
+        names = self.class_names
+        cleaned = [
+            steps.clean(m, names, None if lungs is None else lungs[i]) for i, m in enumerate(found)
+        ]
+        return torch.from_numpy(np.stack(cleaned)).to(masks.device)
+
+    def mask_scores(self, masks: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Per-image scores (:func:`per_image_scores`) of masks already decided: logits that
+        decide as ``masks`` do are scored, so the figures follow the module's own rules."""
+        names = self.class_names
+        if len(names) == 1:
+            logits = (masks.float() * 20 - 10).unsqueeze(1)
+            return per_image_scores(logits, target, mode="binary", threshold=0.5, num_classes=1)
+        logits = torch.nn.functional.one_hot(masks.long(), len(names)).permute(0, 3, 1, 2) * 20.0
+        return per_image_scores(
+            logits, target, mode="multiclass", num_classes=len(names), class_names=names
+        )
+
+    # -- choosing the post-processing on the validation split ------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self.trial_rows = []
+
+    def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
+        logits, _ = self._step(batch, "val")
+        if self.trials:
+            masks = self.predict_masks(self.mask_logits(detached(logits)))
+            dice = {
+                key: self.mask_scores(
+                    self.clean_masks(masks, batch.get("lung"), steps), batch["mask"]
+                )["dice"]
+                for key, steps in self.trials.items()
+            }
+            for i in range(masks.shape[0]):
+                self.trial_rows.append({key: float(d[i]) for key, d in dice.items()})
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.trials:
+            self.trial_rows = gather_rows(self.trial_rows)
+
     # -- what the task shows ---------------------------------------------------------------------
 
     def _overlay_items(self, batch: Mapping[str, Any], logits: Tensor, n: int) -> list[dict]:
-        pred = self.predict_masks(logits[:n])
+        lung = batch.get("lung")
+        pred = self.clean_masks(self.predict_masks(logits[:n]), None if lung is None else lung[:n])
         target = batch["mask"][:n]
         target = target[:, 0] if target.dim() == 4 else target
         target = (target > 0.5) if target.is_floating_point() else target
@@ -102,6 +177,9 @@ class SegmentationModule(CXRModule):
             num_classes=logits.shape[1],
             class_names=self.class_names if mode == "multiclass" else None,
         )
+        if self.postprocess.active:  # the rows score the masks as post-processed
+            masks = self.clean_masks(self.predict_masks(logits), batch.get("lung"))
+            scores = self.mask_scores(masks, batch["mask"])
         labels = batch["label"].tolist()
         for i, image_id in enumerate(batch["id"]):
             row: dict[str, Any] = {"id": image_id, "class": CLASSES[labels[i]]}
@@ -151,7 +229,7 @@ class SegmentationModule(CXRModule):
         overlay; the row has the size and the predicted foreground share, and where the classes
         include a lung and an infection, the infected share of the lung (severity)."""
         H, W = image.shape
-        mask = self.mask_at(probabilities, H, W)
+        mask = self.postprocess.clean(self.mask_at(probabilities, H, W), self.class_names)
         classes = len(probabilities)
         png = mask * 255 if classes == 1 else np.round(mask * (255.0 / (classes - 1)))
         png = png.astype(np.uint8)

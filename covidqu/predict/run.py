@@ -28,6 +28,7 @@ from covidqu.data.loading import worker_init
 from covidqu.data.transforms import build_transform
 from covidqu.models.checkpoint import preprocessing
 from covidqu.models.ensemble import load_model
+from covidqu.models.postprocess import apply_config
 from covidqu.models.tta import check_tta
 from covidqu.predict.checks import check_required
 from covidqu.runtime import outputs
@@ -107,6 +108,7 @@ def predict(
     num_workers: int = 0,
     progress_bar: bool = True,
     tta: str = "none",
+    postprocess: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every image at ``inputs`` into ``output``; return the rows of predictions.csv.
     ``ckpt_path`` may list several checkpoints: their ensemble (:mod:`covidqu.models.ensemble`).
@@ -116,13 +118,22 @@ def predict(
     output folder is made with the first readable batch: when no file can be read, it is left
     as it was and a :class:`DataError` names the first problems. ``tta`` is the test-time
     augmentation (:mod:`covidqu.models.tta`); each row of predictions.csv names it, so the file
-    says how its masks were made without the run's log.
+    says how its masks were made without the run's log. ``postprocess``: the ``postprocess``
+    config (default: what the checkpoint records, :mod:`covidqu.models.postprocess`).
     """
     check_tta(tta)
     files = find_inputs(inputs, recursive=recursive)
     device = resolve_device(device)
     module = load_model(ckpt_path, map_location=device)
     module.tta = tta
+    apply_config(module, postprocess)
+    steps = getattr(module, "postprocess", None)
+    if steps is not None and steps.inside_lung and tuple(module.class_names) == ("infection",):
+        log.warning(
+            "postprocess.inside_lung needs a lung, which a binary infection model does not "
+            "predict: its masks are not restricted to the lung here (covidqu.analyze with "
+            "lung_ckpt= does it)"
+        )
     out = Path(output).expanduser()
     names = output_names(files)
     loader = input_loader(
@@ -185,4 +196,5 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         num_workers=cfg["num_workers"],
         progress_bar=cfg["progress_bar"],
         tta=cfg.get("tta", "none"),
+        postprocess=cfg.get("postprocess"),
     )

@@ -1,5 +1,5 @@
 """Lightning callbacks every training run may list (conf/callbacks/): pictures and confusion
-matrices of validation in W&B."""
+matrices of validation in W&B; the moving average of the weights that ``ema=true`` adds."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -125,3 +126,40 @@ def confusion_media(matrix: Any, names: tuple[str, ...] = CLASSES) -> dict[str, 
         {"title": "validation confusion matrix"},
     )
     return {"val/confusion_matrix": table, "val/confusion_matrix_plot": plot}
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights, over ``fit`` (``ema=true``).
+
+    Lightning's callback updates the average after every optimizer step, validates with it,
+    and writes it as every checkpoint's ``state_dict`` (so ``best.ckpt`` is picked by, and
+    holds, the averaged weights, and eval, predict and export load them), with the raw weights
+    under ``current_model_state`` and its count under ``averaging_state``, tensors all; a
+    resumed fit restores both. Two changes, each where it falls short:
+
+    - outside ``fit`` (the validation and test of the best checkpoint after training) it does
+      nothing: a checkpoint's ``state_dict`` already is the average. Lightning's would load the
+      raw weights into the module there, and ``trainer.test`` would score those;
+    - the average lives on the training device: Lightning's takes the module's device at
+      ``setup``, which is still the CPU before the strategy moves the module to a GPU.
+
+    Args:
+        decay: the weight of the average at each update (``ema_decay``), in (0, 1).
+    """
+
+    def __init__(self, decay: float = 0.999) -> None:
+        super().__init__(decay=decay)
+        self.decay = decay
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            self._average_model = None  # a checkpoint loaded now holds the average already
+            return
+        self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._average_model is not None:  # outside fit: the module keeps the average
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -172,6 +172,21 @@ RULES: tuple[Rule, ...] = (
         )
         for s in ("train", "val", "test")
     ),
+    Rule("ema", lambda x: isinstance(x, bool), "true or false", "ema=true", ("train",)),
+    Rule(
+        "ema_decay",
+        lambda x: _number(x) and 0 < x < 1,
+        "a number between 0 and 1 (exclusive)",
+        "ema_decay=0.999",
+        ("train",),
+    ),
+    Rule(
+        "encoder.load_decoder",
+        lambda x: isinstance(x, bool),
+        "true or false",
+        "encoder.load_decoder=true",
+        ("train",),
+    ),
     Rule("callbacks.early_stopping.patience", _int_at_least(0), "an integer >= 0", "20"),
     Rule("batch_size", _int_at_least(1), "an integer >= 1", "batch_size=16"),
     Rule("num_workers", _int_at_least(0), "an integer >= 0", "num_workers=4"),
@@ -202,6 +217,41 @@ RULES: tuple[Rule, ...] = (
         for part, weight in (("seg", 1.0), ("cls", 0.5))
     ),
     Rule("detect.n_boot", _int_at_least(0), "an integer >= 0", "detect.n_boot=1000"),
+    Rule(
+        "postprocess.mode",
+        _one_of("auto", "fixed"),
+        "auto or fixed",
+        "postprocess=auto",
+        ("train",),
+    ),
+    Rule(
+        "postprocess.mode",
+        _one_of("checkpoint", "fixed"),
+        "the checkpoint's, none or all",
+        "postprocess=checkpoint",
+        ("eval", "predict", "analyze", "export"),
+    ),
+    Rule(
+        "postprocess.lung_components",
+        _int_at_least(0),
+        "an integer >= 0 (0: off)",
+        "postprocess.lung_components=2",
+    ),
+    *(
+        Rule(
+            f"postprocess.{k}",
+            lambda x: isinstance(x, bool),
+            "true or false",
+            f"postprocess.{k}=true",
+        )
+        for k in ("fill_holes", "inside_lung")
+    ),
+    Rule(
+        "postprocess.min_infection_area",
+        lambda x: _number(x) and 0 <= x < 1,
+        "a share of the image in [0, 1) (0: off)",
+        "postprocess.min_infection_area=0.001",
+    ),
     *(
         Rule(f"grades.{g}", lambda x: _number(x) and 0 <= x <= 100, "a percent in [0, 100]", "25")
         for g in ("mild", "moderate", "severe", "critical")

@@ -85,19 +85,17 @@ def choose_threshold(scores: ArrayLike, truth: ArrayLike) -> float:
     """The detection threshold that maximises sensitivity + specificity (Youden's J) on these
     images; an image is then called COVID-19 when ``score >= threshold``.
 
-    Candidates are the distinct scores, plus one above the maximum (call nothing); any threshold
-    between two neighbouring scores gives the same calls as the upper one, so nothing else can do
-    better here. J is compared exactly, in integer counts (``tp * N + tn * P``), so ties are
-    real ties and not rounding.
+    The calls that can differ are those of the distinct scores: call every image scoring at or
+    above one of them, or call nothing. J is compared exactly, in integer counts
+    (``tp * N + tn * P``), so ties are real ties and not rounding. Ties go to the calls that
+    call the most images COVID-19: in screening a missed COVID-19 case costs more than a false
+    alarm. One consequence: calling nothing (J = 0 + 1) always ties with calling everything
+    (J = 1 + 0), so everything is called when the scores carry no information at all.
 
-    Ties go to the smallest threshold: it calls the most images COVID-19, and in screening a
-    missed COVID-19 case costs more than a false alarm. One consequence: calling nothing
-    (J = 0 + 1) always ties with calling everything (J = 1 + 0, the smallest score), so the
-    "call nothing" candidate is never returned; the smallest score is returned when the scores
-    carry no information at all.
-
-    The threshold is a score seen here, so it sits right at the lowest-scoring COVID-19 image
-    that it calls: choose it on a split other than the one it is scored on (design contract).
+    The threshold returned makes exactly the chosen calls on these images, and lies midway
+    between the two neighbouring distinct scores it separates (:func:`midway`), not on the
+    lowest score it calls: an image scoring a hair below that one elsewhere is then not missed
+    by a hair, and the threshold favours neither side of the gap.
 
     Raises:
         ValueError: lengths differ, inputs are empty or not finite, truth is not 0/1, or truth
@@ -114,7 +112,40 @@ def choose_threshold(scores: ArrayLike, truth: ArrayLike) -> float:
         )
     candidates, tp, tn = operating_points(s, t)
     youden = tp * n_neg + tn * n_pos  # J * P * N, exact
-    return float(candidates[int(np.argmax(youden))])  # argmax: first (smallest) of the ties
+    best = int(np.argmax(youden))  # argmax: the first (smallest) of the ties
+    return midway(candidates[:-1], best)
+
+
+#: How far beyond a lone distinct score the threshold goes when no neighbour gives a gap.
+_LONE_MARGIN = 1.0
+
+
+def midway(distinct: np.ndarray, first_called: int) -> float:
+    """The threshold that calls the scores of ``distinct`` (ascending, unique) from index
+    ``first_called`` on (``len(distinct)``: none) under ``score >= threshold``: midway between
+    the highest score left uncalled and the lowest one called.
+
+    At the ends there is one neighbour only: below the lowest score (call every image) or above
+    the highest (call none) the threshold lies half the gap to the next score away, as far as a
+    midpoint would; with a single distinct score, :data:`_LONE_MARGIN` away. Where two scores
+    are so close that no float lies strictly between them, the threshold is the upper one, which
+    still separates them under ``>=``.
+    """
+    u = np.asarray(distinct, dtype=np.float64)
+    k = u.size
+    if k == 0 or not 0 <= first_called <= k:
+        raise ValueError(f"midway: index {first_called} is not in 0..{k} of {k} distinct scores")
+    if 0 < first_called < k:
+        low, high = u[first_called - 1], u[first_called]
+        mid = low + (high - low) / 2.0
+        return float(mid if low < mid <= high else high)
+    if first_called == 0:  # below the lowest score: every image is called
+        gap = (u[1] - u[0]) / 2.0 if k > 1 else _LONE_MARGIN
+        below = u[0] - gap
+        return float(below if below < u[0] else np.nextafter(u[0], -np.inf))
+    gap = (u[-1] - u[-2]) / 2.0 if k > 1 else _LONE_MARGIN  # above the highest: none is called
+    above = u[-1] + gap
+    return float(above if above > u[-1] else np.nextafter(u[-1], np.inf))
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -36,10 +36,10 @@ def check_cutoffs(cutoffs: Mapping[str, float]) -> dict[str, float]:
     """The grade cut-offs (``grades.<grade>``, percent of the lung), checked: one lower bound
     for each grade above ``none``, within 0..100 and rising with the grade."""
     names = GRADES[1:]
-    if set(cutoffs) != set(names):
+    if not isinstance(cutoffs, Mapping) or set(cutoffs) != set(names):
         raise ConfigError(
             f"grades must give one lower bound (percent of the lung) for each of {list(names)}; "
-            f"got {sorted(cutoffs)}"
+            f"got {sorted(cutoffs) if isinstance(cutoffs, Mapping) else cutoffs!r}"
         )
     values = [float(cutoffs[name]) for name in names]
     if not all(0.0 <= v <= 100.0 for v in values) or values != sorted(set(values)):

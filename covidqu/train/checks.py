@@ -36,7 +36,37 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] | None = None
         from covidqu.models.weights import parse_weights
 
         parse_weights(weights)  # a weights file must exist
+    check_transfer(cfg)
     check_resume(cfg, out_dir)
+
+
+def check_transfer(cfg: DictConfig) -> None:
+    """``encoder.load_decoder=true`` needs a segmentation network and, in ``encoder.weights``,
+    the covidqu checkpoint of one whose decoder fits (:mod:`covidqu.models.transfer`)."""
+    if value_at(cfg, "encoder.load_decoder") is not True:
+        return
+    from covidqu.models.weights import parse_weights
+
+    weights = value_at(cfg, "encoder.weights")
+    builder = str(value_at(cfg, "model._target_"))
+    if not builder.endswith("build_segmentation_model"):
+        raise ConfigError(
+            f"encoder.load_decoder=true needs a segmentation network with a decoder, but "
+            f"task={value_at(cfg, 'task.name')} builds {builder.rsplit('.', 1)[-1]}: drop "
+            "encoder.load_decoder, or train a segmentation task (task=lung, task=infection)"
+        )
+    source, _ = parse_weights(None if weights is MISSING else weights)
+    if source != "file":
+        raise ConfigError(
+            f"encoder.load_decoder=true takes the decoder of a covidqu checkpoint, but "
+            f"encoder.weights={'null' if weights is None else weights} is "
+            f"{'no file' if source == 'named' else 'random initialisation'}: set "
+            "encoder.weights=RUN/checkpoints/best.ckpt (a covidqu segmentation run), or drop "
+            "encoder.load_decoder"
+        )
+    from covidqu.models.transfer import check_load_decoder
+
+    check_load_decoder(weights, value_at(cfg, "data.target"), value_at(cfg, "model"))
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -93,6 +123,13 @@ def _differences(recipe: Mapping[str, Any], cfg: DictConfig) -> list[str]:
         # split is unknown, not another one (None is a value: the official Train / Val).
         if key in pre and (key != "fold_seed" or pre.get("num_folds") is not None):
             compare(f"data.{key}", pre[key], data.get(key))
+    # With ema, a checkpoint's state_dict is the average: resumed without ema, training would
+    # go on from it as if it were the raw weights. A checkpoint older than the key had none.
+    then_ema = recipe.get("ema") or {"enabled": False, "decay": None}
+    now_ema = value_at(cfg, "ema") is True
+    compare("ema", then_ema.get("enabled", False), now_ema)
+    if now_ema and then_ema.get("enabled"):
+        compare("ema_decay", then_ema.get("decay"), value_at(cfg, "ema_decay"))
     return found
 
 

@@ -26,12 +26,15 @@ from covidqu.data.layout import DataError
 from covidqu.errors import RunInterrupted, UserError
 from covidqu.files import describe_files, disk_full, remove_stale_temporaries
 from covidqu.models.checkpoint import RESAVE_CHECKPOINT, refusing_unsafe
+from covidqu.models.postprocess import post_figures
 from covidqu.runtime import outputs, runlock
+from covidqu.runtime.callbacks import EMA
 from covidqu.runtime.config import print_config
 from covidqu.runtime.distributed import job_scope, use_job_command_for_ddp
 from covidqu.runtime.interrupts import StopOnSignal, interrupted
 from covidqu.runtime.loggers import CSVResume, finish_loggers, log_config
 from covidqu.train.checks import check, check_resume
+from covidqu.train.postprocess import prepare_choice, recorded_steps, settle_choice
 from covidqu.train.synthetic import apply_synthetic_defaults
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,11 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node and "_target_" in node]
 
 
-def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild the network and its preprocessing on its own."""
+def make_recipe(
+    cfg: DictConfig, datamodule: Any, transfer: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild the network and its preprocessing on its own, and
+    what its network was initialised from (``transfer``: what a covidqu checkpoint gave it)."""
     module_kwargs = OmegaConf.to_container(cfg.module, resolve=True)
     module_kwargs = {k: v for k, v in module_kwargs.items() if k not in ("_target_", "metrics")}
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -88,7 +94,26 @@ def make_recipe(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
             "fold_seed": getattr(datamodule, "fold_seed", None),
         },
         "schedule": {"settings": steps_from},
+        # the masks' post-processing; postprocess=auto writes its choice in once it is made
+        "postprocess": recorded_steps(cfg),
+        # whether state_dict holds an exponential moving average of the weights, and its decay
+        "ema": ema_settings(cfg),
+        "init": {
+            "encoder.weights": _plain_weights(cfg.encoder.get("weights")),
+            "encoder.load_decoder": bool(cfg.encoder.get("load_decoder", False)),
+            "from_checkpoint": transfer,
+        },
     }
+
+
+def ema_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``{"enabled": ..., "decay": ...}`` of ``ema`` / ``ema_decay`` (decay null when off)."""
+    enabled = bool(cfg.get("ema", False))
+    return {"enabled": enabled, "decay": float(cfg.ema_decay) if enabled else None}
+
+
+def _plain_weights(weights: Any) -> Any:
+    return weights if weights is None or isinstance(weights, bool | str) else str(weights)
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
@@ -99,6 +124,14 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
     check_input_size(net, datamodule.image_size)
+    transfer = None
+    if cfg.encoder.get("load_decoder"):
+        from covidqu.models.transfer import load_decoder
+
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        loaded = load_decoder(net, cfg.encoder.weights, datamodule.target, model)
+        log.info("%s", loaded.describe())
+        transfer = loaded.record()
     loss = instantiate(cfg.loss)
     metrics = instantiate(cfg.module.metrics)
     module = instantiate(
@@ -110,7 +143,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
         scheduler=instantiate(cfg.scheduler.scheduler) if cfg.scheduler.scheduler else None,
         scheduler_interval=cfg.scheduler.interval,
         scheduler_monitor=cfg.scheduler.monitor,
-        recipe=make_recipe(cfg, datamodule),
+        recipe=make_recipe(cfg, datamodule, transfer),
         _recursive_=False,
         _convert_="all",  # plain lists and dicts: checkpoints then load with weights_only
     )
@@ -236,6 +269,8 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     # are what train() promises, whichever callbacks a config lists.
     stopper = StopOnSignal(out_dir / "checkpoints" / "last.ckpt")
     callbacks = [*instantiate_all(cfg.get("callbacks")), stopper, CSVResume()]
+    if cfg.get("ema", False):  # a switch and a decay a user types, not a callbacks entry
+        callbacks.append(EMA(decay=cfg.ema_decay))
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -281,14 +316,20 @@ def _final_metrics(
     if best is None and not trainer.fast_dev_run:
         log.warning("no best checkpoint was recorded; final figures use the last weights")
     figures: dict[str, Any] = {}
+    prepare_choice(cfg, module)  # postprocess=auto: every combination scored on Val
     figures.update(_score_best(trainer.validate, module, datamodule, best))
+    chosen = settle_choice(cfg, module, best, out_dir, trainer.is_global_zero)
     if cfg.get("test", True):
         if _has_split(datamodule, "test"):
             figures.update(_score_best(trainer.test, module, datamodule, best))
+            if hasattr(module, "postprocess"):  # the test images' masks as post-processed
+                covid = "infection" if "infection" in module.class_names else None
+                figures.update(post_figures("test", module.test_records, covid))
             outputs.write_test_outputs(module, out_dir)
         else:
             log.warning("no test split under %s: test figures are skipped", cfg.data.root)
     metrics: dict[str, Any] = outputs.clean_figures(figures)
+    metrics.update(chosen)
     metrics["monitor"] = cfg.task.monitor
     metrics["epochs"] = int(trainer.current_epoch)
     metrics["world_size"] = int(trainer.world_size)
@@ -296,6 +337,7 @@ def _final_metrics(
     # the folds of one setting by these
     metrics["num_folds"] = getattr(datamodule, "num_folds", None)
     metrics["fold"] = getattr(datamodule, "fold", None)
+    metrics["ema_decay"] = ema_settings(cfg)["decay"]  # null: the weights are not averaged
     metrics["best_checkpoint"] = outputs.relative(best, out_dir) if best is not None else None
     return metrics
 
