@@ -253,6 +253,8 @@ def test_a_covidqu_checkpoint_resumes_and_loads_weights_only(
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
         "test=false",
+        # a mapping among the data options: it must reach the checkpoint as a plain dict
+        "data.limit_per_class={train:8,val:4,test:4}",
     )
     train(compose_config("train", [*overrides, *PREEMPTED], run))
     last = run / "checkpoints" / "last.ckpt"
@@ -261,6 +263,11 @@ def test_a_covidqu_checkpoint_resumes_and_loads_weights_only(
     callbacks = " ".join(first["callbacks"])
     assert "ModelCheckpoint" in callbacks and "EarlyStopping" in callbacks
     assert first["optimizer_states"] and first["loops"]
+    assert first["datamodule_hyper_parameters"]["limit_per_class"] == {
+        "train": 8,
+        "val": 4,
+        "test": 4,
+    }
     assert len(first["lr_schedulers"]) == (scheduler != "none")
     torch_loads.clear()
 

@@ -121,7 +121,9 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     # On use: it imports smp and timm (and timm imports wandb), a second of start-up.
     from covidqu.models.networks import check_input_size
 
-    datamodule = instantiate(cfg.data)
+    # plain dicts and lists in its hyper-parameters (data.limit_per_class={train: N, ...}):
+    # checkpoints must load with weights_only=True
+    datamodule = instantiate(cfg.data, _convert_="all")
     net = instantiate(cfg.model)
     check_input_size(net, datamodule.image_size)
     transfer = None
