@@ -245,12 +245,37 @@ def test_the_entry_point_runs_a_sweep_member_and_returns(synth_root, tmp_path):
     "name",
     sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")),
 )
-def test_every_experiment_composes_and_passes_the_checks(name, tmp_path):
-    from covidqu.train.checks import check_config
+def test_every_experiment_composes_and_passes_the_checks(name, tmp_path, trained_run):
+    from covidqu.train.checks import check_config, check_transfer
 
     cfg = compose_config("train", [f"experiment={name}"], tmp_path)
+    if cfg.encoder.load_decoder:  # a recipe that starts from a lung run refuses to start without
+        with pytest.raises(ConfigError, match=r"encoder\.weights=RUN/checkpoints/best\.ckpt"):
+            check_transfer(cfg)
+        lung = trained_run("lung") / "checkpoints" / "best.ckpt"  # U-Net / ResNet-18 as theirs
+        cfg = compose_config("train", [f"experiment={name}", f"encoder.weights={lung}"], tmp_path)
     check_config(cfg)
+    check_transfer(cfg)  # and its decoder fits the recipe's
     assert cfg.task.monitor.startswith("val/")
+
+
+@pytest.mark.parametrize("task", ["lung", "infection", "multitask"])
+def test_the_cpu_recipes_train_on_two_cores_with_every_method_on(task, tmp_path):
+    cfg = compose_config("train", [f"experiment=cpu_{task}"], tmp_path)
+    assert cfg.task.name == task and cfg.trainer.accelerator == "cpu"
+    assert cfg.encoder.weights is None  # nothing to download
+    assert cfg.ema and cfg.postprocess.mode == "auto" and cfg.data.cache == "packed"
+    assert cfg.encoder.load_decoder == (task != "lung")  # transfer from the lung model
+
+
+@pytest.mark.parametrize("task", ["lung", "infection", "classify"])
+def test_the_paper_recipes_are_the_papers_setting_on_a_gpu(task, tmp_path):
+    cfg = compose_config("train", [f"experiment=paper_{task}"], tmp_path)
+    assert cfg.task.name == task and cfg.data.image_size == 256
+    assert cfg.encoder.name == "densenet121" and cfg.encoder.weights == "imagenet"
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    arch = {"lung": "unetplusplus", "infection": "fpn"}.get(task)
+    assert arch is None or cfg.model.arch == arch
 
 
 @pytest.mark.parametrize(
