@@ -90,7 +90,8 @@ def assert_same_log(run: Path, reference: Path, resumed_mid_epoch: int | None = 
 
     After a resume in the middle of epoch ``resumed_mid_epoch``, that epoch's training means
     (``train/*`` other than per step) cover only the batches after the resume: their values
-    are left out of the comparison, not their presence.
+    are left out of the comparison, not their presence. So are the speed figures (``perf/*``,
+    measured by the clock) everywhere.
     """
     got, want = cells(run), cells(reference)
     twice = [key for key, n in Counter((s, m) for s, m, _ in got).items() if n > 1]
@@ -98,6 +99,8 @@ def assert_same_log(run: Path, reference: Path, resumed_mid_epoch: int | None = 
     assert sorted((s, m) for s, m, _ in got) == sorted((s, m) for s, m, _ in want)
 
     def comparable(step: int, metric: str) -> bool:
+        if metric.startswith("perf/"):
+            return False
         if resumed_mid_epoch is None or not metric.startswith("train/"):
             return True
         in_epoch = step // STEPS_PER_EPOCH == resumed_mid_epoch
