@@ -1,8 +1,8 @@
 """The data-wait meter: the share of training spent waiting for batches, and samples a second.
 
-A loader made slow on purpose (each sample sleeps) must show as a large ``perf/data_wait`` in the
-CSV of every epoch and in one line naming what to change; the same run without the sleep waits
-far less. Both figures are logged per epoch beside the other metrics.
+A loader made slow on purpose (each sample sleeps) must show its delay in ``perf/data_wait`` in
+the CSV of every epoch, and in one line naming what to change. Both figures are logged per epoch
+beside the other metrics.
 """
 
 from __future__ import annotations
@@ -48,9 +48,6 @@ def epochs_of(run: Path) -> list[dict[str, str]]:
 
 
 def test_a_slow_loader_shows_as_data_wait_with_a_hint(synth_root, tmp_path, monkeypatch, caplog):
-    fast = tmp_path / "fast"
-    train(compose_config("train", [*TINY, f"data.root={synth_root}", *SHORT], fast))
-
     item = datasets.CXRDataset.__getitem__
 
     def slow(self, i):
@@ -58,20 +55,21 @@ def test_a_slow_loader_shows_as_data_wait_with_a_hint(synth_root, tmp_path, monk
         return item(self, i)
 
     monkeypatch.setattr(datasets.CXRDataset, "__getitem__", slow)
-    slow_run = tmp_path / "slow"
+    run = tmp_path / "slow"
     with caplog.at_level(logging.WARNING, logger="covidqu.runtime.data_wait"):
         # a low bar for the hint: on a loaded machine the steps themselves may take seconds
         hinted = [*SHORT, "callbacks.data_wait.warn_above=0.01"]
-        train(compose_config("train", [*TINY, f"data.root={synth_root}", *hinted], slow_run))
+        train(compose_config("train", [*TINY, f"data.root={synth_root}", *hinted], run))
 
-    fast_rows, slow_rows = epochs_of(fast), epochs_of(slow_run)
-    assert len(fast_rows) == len(slow_rows) == 2  # one row an epoch
-    for fast_row, slow_row in zip(fast_rows, slow_rows, strict=True):
-        # the planted delay is all counted (in seconds, whatever else loads the machine) ...
+    rows = epochs_of(run)
+    assert len(rows) == 2  # one row an epoch
+    for row in rows:
+        # the planted delay is all counted, in seconds, whatever else loads the machine; beyond
+        # it, reading 8 images of 32 px
         planted = MEASURED * 4 * SLEEP
-        assert planted * 0.95 < waited_s(slow_row) < planted + 0.5 + waited_s(fast_row)
-        assert 0 < float(slow_row[DATA_WAIT]) <= 1
-        assert 0 < float(slow_row[SAMPLES_PER_S]) < 16 / planted  # 16 images in over 1.6 s
+        assert planted * 0.95 < waited_s(row) < planted + 1.0
+        assert 0 < float(row[DATA_WAIT]) <= 1
+        assert 0 < float(row[SAMPLES_PER_S]) < 16 / planted  # 16 images in over 1.6 s
     lines = [r.getMessage() for r in caplog.records if "waited for its batches" in r.getMessage()]
     assert len(lines) == 1, lines  # once, not every epoch
     assert "data.cache=packed" in lines[0]
