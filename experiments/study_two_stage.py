@@ -12,11 +12,13 @@ into ``experiments/results/two_stage_<scale>.md`` and each row's plots beside it
 The steps (each row adds one to the row above, except the multitask rows):
 
 1. the recipe's models, raw weights (the infection run's weights before averaging), no
-   post-processing; the infection model from random initialisation;
+   post-processing; the infection model not started from the lung model (random
+   initialisation at cpu scale, ImageNet weights at gpu scale);
 2. + post-processing (the steps ``postprocess=auto`` chose on Val during training);
 3. + the moving average of the weights (the same run's averaged weights: same data order,
    same epochs, so the difference is the average alone);
-4. + transfer: the infection model starts from the lung model's encoder and decoder;
+4. + transfer: the infection model starts from the lung model's encoder, and its decoder
+   where the architectures are the same (cpu scale);
 5. the multitask model (also started from the lung model), COVID-19 called from its classifier
    (``detect.score=classifier``), then from the mean of that and the infected share (``mean``).
 
