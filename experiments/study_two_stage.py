@@ -207,7 +207,6 @@ def main() -> None:
         seconds = timed(key, full)
         trained[key] = {"command": shown(full, data, runs), "seconds": seconds}
         trained[key] |= epoch_times(folder, seconds, SHORT_IMAGES if opts.short else TRAIN_IMAGES)
-        trained[key]["metrics"] = json.loads((folder / "metrics.json").read_text())
         return folder / "checkpoints" / "best.ckpt"
 
     lung = train("lung", scale["lung"] + weights)
@@ -268,11 +267,8 @@ def main() -> None:
                 "specificity": 100 * figures["detect/specificity"],
                 "auroc": 100 * figures["detect/auroc"],
                 "mae": figures["severity/mae_pct"],
-                "threshold": figures["detect/threshold"],
-                "threshold_source": figures["detect/threshold_source"],
                 "train_min": sum(trained[m]["seconds"] for m in models) / 60,
                 "analyze_min": seconds / 60,
-                "models": models,
                 "analyze": shown(args, data, runs),
                 "folder": folder,
             }

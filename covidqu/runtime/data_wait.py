@@ -32,12 +32,9 @@ DATA_WAIT, SAMPLES_PER_S = "perf/data_wait", "perf/samples_per_s"
 
 
 def batch_size(batch: Any) -> int:
-    """The number of samples of a batch of the batch contract (its ``image``)."""
-    if isinstance(batch, dict) and "image" in batch:
-        return len(batch["image"])
-    if isinstance(batch, (list, tuple)) and batch and hasattr(batch[0], "shape"):
-        return len(batch[0])
-    return 0
+    """The number of samples of a batch of the batch contract (its ``image``); 0 for the
+    ``None`` a loader gives where every sample of a batch was left out."""
+    return 0 if batch is None else len(batch["image"])
 
 
 def hints(datamodule: Any, on_gpu: bool, processes: int = 1) -> list[str]:
