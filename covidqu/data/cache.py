@@ -3,7 +3,10 @@ a file's line of a fingerprint, and the pool of processes that decode a whole tr
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -12,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from covidqu.data.layout import DataError
+from covidqu.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -85,9 +91,104 @@ def add_cache_arguments(parser: Any) -> None:
     )
 
 
+class LogProgress:
+    """Progress for a log file (a batch job's, ``nohup``'s): a line at every tenth of the work,
+    where a terminal gets a bar; the same ``update(k)`` and ``close()`` as tqdm's."""
+
+    def __init__(self, desc: str, total: int, steps: int = 10) -> None:
+        self.desc, self.total, self.steps = desc, total, steps
+        self.done, self.said = 0, 0
+
+    def update(self, k: int) -> None:
+        self.done += k
+        step = self.done * self.steps // max(self.total, 1)
+        if step > self.said:
+            self.said = step
+            pct = 100 * self.done // max(self.total, 1)
+            log.info("%s: %d of %d images (%d %%)", self.desc, self.done, self.total, pct)
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(desc: str) -> Callable[..., Any]:
-    """A factory of tqdm bars over images (``progress_bar(desc)(total=n)``), shown on an
-    interactive stderr only: packing and hashing a tree take minutes, a log file needs no bar."""
+    """A factory of progress reports over images (``progress_bar(desc)(total=n)``): packing and
+    hashing a tree take minutes. A tqdm bar on an interactive stderr, else a log line at every
+    tenth (:class:`LogProgress`)."""
+    if not sys.stderr.isatty():
+        return partial(LogProgress, desc)
     from tqdm import tqdm
 
-    return partial(tqdm, desc=desc, unit="img", disable=None)
+    return partial(tqdm, desc=desc, unit="img")
+
+
+class NoRoomError(DataError):
+    """The cache folder lacks the room for the packed arrays (found before packing, or when the
+    arrays' space was reserved); nothing was left behind."""
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """``cache_dir``, or :func:`default_cache_dir` where it is unset."""
+    return default_cache_dir() if cache_dir in (None, "") else Path(cache_dir).expanduser()
+
+
+#: ``data.cache``: null (auto on a GPU, none elsewhere; the DataModule decides), or one of these.
+CACHE_SETTINGS = ("none", "packed", "auto")
+
+
+def check_cache_setting(cache: str | None, png_reader: bool) -> str | None:
+    """``data.cache`` as given, once known to be one of :data:`CACHE_SETTINGS` or null, and
+    not asked to replace a reader of a user's own (``png_reader`` false)."""
+    if cache is not None and cache not in CACHE_SETTINGS:
+        raise ConfigError(
+            f"data.cache={cache!r} is not one of none|packed|auto: 'none' decodes the PNG "
+            "files every epoch, 'packed' decodes them once into arrays under data.cache_dir, "
+            "'auto' packs them where the disk has the room (null: auto on a GPU)"
+        )
+    if cache in ("packed", "auto") and not png_reader:
+        raise ConfigError(
+            f"data.cache={cache} reads pixels from its own arrays and replaces a data.reader of "
+            "your own: set data.reader=png, or data.cache=none"
+        )
+    return cache
+
+
+def choose_cache(
+    setting: str | None, on_gpu: bool, capped: bool, pack: Callable[[], Any]
+) -> Path | None:
+    """The packed cache's folder to read (``pack()`` builds it, or finds it built, and returns
+    a :class:`~covidqu.data.packed.Packed`), or None to read the PNG files, for ``data.cache`` =
+    ``setting``: none, packed, auto, or None (auto where the run trains ``on_gpu``, else none).
+
+    ``auto`` reads the PNG files, saying why, where ``pack`` finds no room or cannot write, or
+    when the run is ``capped`` (``data.limit_per_class``: packing the whole subset would take
+    longer than the run); ``packed`` raises a :class:`DataError` with the fix instead.
+    """
+    if setting is None:
+        setting = "auto" if on_gpu else "none"
+    if setting == "none":
+        return None
+    if setting == "auto" and capped:
+        log.info(
+            "data.cache=auto: reading the PNG files of this run capped with "
+            "data.limit_per_class (packing the whole subset would take longer than the run; "
+            "data.cache=packed packs it anyway)"
+        )
+        return None
+    try:
+        return pack().folder
+    except (NoRoomError, OSError) as err:
+        unwritable = getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS)
+        if not isinstance(err, NoRoomError) and not unwritable:
+            raise
+        if setting == "packed":
+            raise DataError(
+                f"data.cache=packed: {err}. Free space there, set data.cache_dir to a folder "
+                "with room, or data.cache=none (or auto: PNG files when there is no room)"
+            ) from err
+        log.warning(
+            "data.cache=auto: %s; reading the PNG files instead (slower: free space, or set "
+            "data.cache_dir to a folder with room)",
+            err,
+        )
+        return None

@@ -25,8 +25,14 @@ import torch
 
 from covidqu.constants import SPLITS, subset_targets
 from covidqu.data.badfiles import BadFileLoader, BadFileLog
-from covidqu.data.cache import progress_bar
-from covidqu.data.datasets import DEFAULT_MEAN, DEFAULT_STD, CXRDataset, finish_batch
+from covidqu.data.cache import cache_root, check_cache_setting, choose_cache, progress_bar
+from covidqu.data.datasets import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    CXRDataset,
+    check_normalise,
+    finish_batch,
+)
 from covidqu.data.folds import check_fold_keys
 from covidqu.data.layout import (
     SPLIT_DIRS,
@@ -43,6 +49,7 @@ from covidqu.data.loading import (
     distributed_rank,
     distributed_world,
     eval_sampler,
+    trains_on_cuda,
     worker_init,
 )
 from covidqu.data.readers import PngReader, SampleReader, build_reader
@@ -83,10 +90,11 @@ class COVIDQUDataModule(pl.LightningDataModule):
         on_bad_file: what a file that cannot be read during the run does: ``error`` stops the
             run naming it, ``skip`` leaves the sample out of its batch and goes on (see
             :mod:`covidqu.data.badfiles`; :meth:`skipped_files` lists them).
-        cache: ``none`` decodes the PNG files of every sample on every epoch; ``packed``
-            decodes each split once into memory-mapped arrays under ``cache_dir`` (see
-            :mod:`covidqu.data.packed`), built in :meth:`prepare_data` and read through the
-            reader seam, with the same batches.
+        cache: ``none`` decodes the PNG files every epoch; ``packed`` decodes each split once
+            into memory-mapped arrays under ``cache_dir`` (:mod:`covidqu.data.packed`), read
+            through the reader seam with the same batches; ``auto`` packs where it can
+            (:func:`~covidqu.data.cache.choose_cache`); ``None``: ``auto`` on a GPU, else
+            ``none``. :attr:`cache` says what was chosen once :meth:`setup` ran.
         cache_dir: where ``packed`` keeps its arrays; ``None`` is ``paths.cache_dir``'s default.
         num_folds: ``None`` for the official Train / Val splits; K (>= 2) to pool Train + Val
             and re-split them into K folds, stratified by class and keeping near-duplicates in
@@ -97,11 +105,11 @@ class COVIDQUDataModule(pl.LightningDataModule):
             sweep stay put whatever the training seed.
         duplicate_distance: Hamming distance (of the 256-bit pHash) up to which two images are
             near-duplicates for the folds; ``None`` for the default of ``duplicates``.
-        normalise: where batches become float: ``loader`` (in the workers: the loaders give
-            the batch contract's tensors) or ``device`` (the loaders give uint8 image and masks,
-            a quarter of the bytes to collate, pass between processes and copy to the GPU;
-            :meth:`on_after_batch_transfer` makes the same float tensors on the device, so
-            modules see no difference inside a Trainer).
+        normalise: where batches become float: ``loader`` (in the workers: the batch
+            contract's tensors), ``device`` (uint8 image and masks, a quarter of the bytes to
+            pass between processes and copy to the GPU, made the same float tensors by
+            :meth:`on_after_batch_transfer`) or ``auto``: ``device`` from the packed cache,
+            ``loader`` from PNG files (whose decoding, not the bytes, bounds the loader).
         device_augment: augmentation of whole training batches on the training device
             (:class:`~covidqu.data.device_augment.BatchAugment`, ``augment.device``), applied
             after transfer, in training only; it replaces ``augment``, never adds to it.
@@ -128,10 +136,10 @@ class COVIDQUDataModule(pl.LightningDataModule):
         seed: int = 0,
         drop_last: bool = True,
         on_bad_file: str = "error",
-        cache: str = "none",
+        cache: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         device_augment: Callable[..., dict[str, Any]] | None = None,
-        normalise: str = "loader",
+        normalise: str = "auto",
         num_folds: int | None = None,
         fold: int | None = None,
         fold_seed: int = 0,
@@ -174,13 +182,8 @@ class COVIDQUDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         self.bad_files = BadFileLog(on_bad_file)
         self.device_augment = device_augment
-        if normalise not in ("loader", "device"):
-            raise ConfigError(
-                f"data.normalise={normalise!r} is not one of loader|device: 'loader' makes float "
-                "batches in the loader workers, 'device' sends uint8 batches and makes them float "
-                "on the training device"
-            )
-        self.normalise = normalise
+        self.normalise_setting = check_normalise(normalise)
+        self.normalise = "loader" if normalise == "auto" else normalise
         self.num_folds, self.fold, self.fold_seed = num_folds, fold, fold_seed
         self.duplicate_distance = duplicate_distance
         self._fold_samples: dict[str, list[Sample]] | None = None
@@ -189,7 +192,10 @@ class COVIDQUDataModule(pl.LightningDataModule):
         self.datasets: dict[str, CXRDataset] = {}
         self._train_loader: ResumableLoader | None = None
         self._train_position: dict[str, int] | None = None
-        self.cache, self.cache_dir = self._check_cache(cache, reader), cache_dir
+        self.cache_setting = check_cache_setting(cache, isinstance(self.reader, PngReader))
+        #: What the run reads, ``none`` or ``packed``, once :meth:`setup` chose; until then None.
+        self.cache, self.cache_dir = cache, cache_dir
+        self._cache_chosen = False
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -239,25 +245,26 @@ class COVIDQUDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Once per node, before any training step: a bad tree fails here, with every file named.
-        index = self.scan()
-        if self.cache == "packed":  # built here once per node; setup maps it in each process
-            self._packed(index)
+        self.index = self.scan()
+        self._open_cache()  # packed here once per node; setup maps it in each other process
         if self.num_folds is not None:  # hashed here once per node; setup reads the cache
-            self.folds(index)
+            self.folds(self.index)
 
     def folds(self, index: Index) -> dict[str, list[Sample]]:
         """``{"train": ..., "val": ...}`` of fold ``fold`` of ``num_folds`` over the pooled
         Train + Val of ``index`` (hashing them once into the cache folder)."""
         if self._fold_samples is None:
-            from covidqu.data.cache import default_cache_dir
             from covidqu.data.duplicates import subset_hashes
             from covidqu.data.folds import fold_split
 
             pool = index.select(subset=self.subset, split="train")
             pool += index.select(subset=self.subset, split="val")
-            cache_dir = default_cache_dir() if self.cache_dir in (None, "") else self.cache_dir
             hashes = subset_hashes(
-                index, self.subset, pool, cache_dir, progress=progress_bar("hashing for folds")
+                index,
+                self.subset,
+                pool,
+                cache_root(self.cache_dir),
+                progress=progress_bar("hashing for folds"),
             )
             self._fold_samples = fold_split(
                 pool, hashes, self.num_folds, self.fold, self.fold_seed, self.duplicate_distance
@@ -368,37 +375,26 @@ class COVIDQUDataModule(pl.LightningDataModule):
 
     # -- packed cache --------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_cache(cache: str, reader: str | SampleReader) -> str:
-        if cache not in ("none", "packed"):
-            raise ConfigError(
-                f"data.cache={cache!r} is not one of none|packed: 'none' decodes the PNG files "
-                "every epoch, 'packed' decodes them once into arrays under data.cache_dir"
-            )
-        if cache == "packed" and not (reader == "png" or isinstance(reader, PngReader)):
-            raise ConfigError(
-                f"data.cache=packed reads pixels from its own arrays and replaces "
-                f"data.reader={reader!r}: set data.reader=png, or data.cache=none"
-            )
-        return cache
-
-    def _packed(self, index: Index) -> Any:
-        from covidqu.data.cache import default_cache_dir
-        from covidqu.data.packed import ensure_packed
-
-        cache_dir = default_cache_dir() if self.cache_dir in (None, "") else self.cache_dir
-        return ensure_packed(
-            index, self.subset, self.image_size, cache_dir, progress=progress_bar("packing")
-        )
-
     def _open_cache(self) -> None:
-        """Map the packed cache in this process (building it if ``prepare_data`` did not)."""
-        from covidqu.data.packed import PackedReader
+        """Settle :attr:`cache` (``none`` or ``packed``, building the cache if it is chosen
+        and absent) and :attr:`normalise` from their settings, and map the cache if chosen;
+        once per process."""
+        from covidqu.data.packed import PackedReader, ensure_packed
 
-        if self.cache == "packed" and not isinstance(self.reader, PackedReader):
-            if self.index is None:
-                self.index = self.scan()
-            self.reader = PackedReader(self._packed(self.index).folder)
+        if self._cache_chosen:
+            return
+        self.index = self.index or self.scan()
+        png = isinstance(self.reader, PngReader)
+        on_gpu = png and trains_on_cuda(getattr(self, "trainer", None))
+        args = (self.index, self.subset, self.image_size, cache_root(self.cache_dir))
+        pack = partial(ensure_packed, *args, progress=progress_bar("packing"))
+        folder = choose_cache(self.cache_setting, on_gpu, any(self.limits.values()), pack)
+        self.cache = "none" if folder is None else "packed"
+        if folder is not None:
+            self.reader = PackedReader(folder)
+        if self.normalise_setting == "auto":
+            self.normalise = "device" if self.cache == "packed" else "loader"
+        self._cache_chosen = True
 
     def _transform(self, augment: Sequence[A.BasicTransform] | None) -> A.Compose | None:
         """Resize and ``augment``; without the resize when the reader gives that size already."""

@@ -14,6 +14,7 @@ from covidqu.constants import SUBSET_MASKS, target_info
 from covidqu.data.badfiles import BadFile
 from covidqu.data.layout import DataError, Sample
 from covidqu.data.readers import PngReader, SampleReader
+from covidqu.errors import ConfigError
 
 if TYPE_CHECKING:
     import albumentations as A  # only the pipeline's type: the pipeline is built elsewhere
@@ -179,6 +180,17 @@ def target_mask(
     for k, kind in enumerate(kinds, start=1):
         label[masks[kind] > 0] = k
     return label
+
+
+def check_normalise(normalise: str) -> str:
+    """``data.normalise`` as given, once known to be one of ``loader``, ``device``, ``auto``."""
+    if normalise not in ("loader", "device", "auto"):
+        raise ConfigError(
+            f"data.normalise={normalise!r} is not one of loader|device|auto: 'loader' makes "
+            "float batches in the loader workers, 'device' sends uint8 batches and makes them "
+            "float on the training device, 'auto' does so for batches of the packed cache"
+        )
+    return normalise
 
 
 def finish_batch(batch: dict[str, Any], mean: float, std: float) -> dict[str, Any]:

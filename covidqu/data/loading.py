@@ -155,3 +155,10 @@ def eval_sampler(ds: Dataset, split: str, world: int) -> UnrepeatedDistributedSa
             "(trainer.devices, trainer.num_nodes) or on more images (data.limit_per_class)."
         )
     return UnrepeatedDistributedSampler(ds, shuffle=False)
+
+
+def trains_on_cuda(trainer: Any) -> bool:
+    """Whether ``trainer`` (a Lightning Trainer, or None) runs on CUDA devices."""
+    from pytorch_lightning.accelerators import CUDAAccelerator
+
+    return trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)

@@ -3,7 +3,9 @@ the cache's arrays (:func:`build_arrays`); the files that failed, for the messag
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,20 @@ def _pack_chunk(
     return problems
 
 
+def reserve(path: Path) -> None:
+    """Allocate ``path``'s whole size on disk now. A new array file is sparse: without this a
+    full disk would show only when a decoded image is written into its pages (a SIGBUS that
+    kills the writing process), not as an error here, before any decoding."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as err:  # a file system without fallocate: space is taken as written
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 def build_arrays(
     tmp: Path,
     by_split: dict[str, list[Sample]],
@@ -90,12 +106,16 @@ def build_arrays(
     workers: int,
     progress: Callable[[int], None] | None,
 ) -> list[Problem]:
-    """Write every split's arrays into ``tmp``; the problems of the files that failed."""
+    """Write every split's arrays into ``tmp``; the problems of the files that failed. Every
+    array's space is reserved first: a disk without the room raises ``OSError`` (ENOSPC) here,
+    before any file is decoded."""
     tasks = []
     for split, samples in by_split.items():
         n = len(samples)
         for name in ("images", *kinds):
-            np.lib.format.open_memmap(tmp / f"{split}.{name}.npy", "w+", np.uint8, (n, *hw)).flush()
+            path = tmp / f"{split}.{name}.npy"
+            np.lib.format.open_memmap(path, "w+", np.uint8, (n, *hw)).flush()
+            reserve(path)
         np.save(tmp / f"{split}.labels.npy", np.array([s.label for s in samples], np.int64))
         (tmp / f"{split}.ids.json").write_text(json.dumps([relative_key(s) for s in samples]))
         for i in range(0, n, CHUNK):

@@ -27,6 +27,7 @@ lock, then find it built. Only numpy and OpenCV load at import: ``pack`` starts 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,7 +36,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -46,6 +47,7 @@ import numpy as np
 
 from covidqu.constants import SPLITS, SUBSET_MASKS
 from covidqu.data.cache import (
+    NoRoomError,
     add_cache_arguments,
     default_cache_dir,
     default_workers,
@@ -112,6 +114,33 @@ def fingerprint(samples: Sequence[Sample], base: Path, kinds: Sequence[str], siz
     return h.hexdigest()
 
 
+def packed_bytes(counts: Mapping[str, int], size: Any, kinds: Sequence[str]) -> int:
+    """The bytes the arrays of a packed cache take on disk: ``counts`` images per split at
+    ``size``, each with its ``kinds`` of masks (one uint8 plane each) and a label (the small
+    ``ids.json`` lists aside)."""
+    h, w = _hw(size)
+    planes = 1 + len(kinds)
+    header = 128  # a .npy file's header, as numpy writes these arrays
+    return sum(n * (planes * h * w + 8) + (planes + 1) * header for n in counts.values())
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in decimal units, as disk sizes are quoted: ``4.4 GB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # the loop returns at GB
+
+
+def free_bytes(folder: Path) -> int:
+    """The bytes free to this user on the file system that holds ``folder`` (or would)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
 def cache_folder(
     cache_dir: str | os.PathLike[str], subset_dir: Path, subset: str, size: Any
 ) -> Path:
@@ -159,7 +188,9 @@ def ensure_packed(
 
     Every split found is packed whole (a per-class cap picks rows of it later). Safe when
     several processes call it at once: one builds, the others wait and then read. A file that
-    fails to decode raises a :class:`PackError` naming every one, and leaves no cache behind.
+    fails to decode raises a :class:`PackError` naming every one, and leaves no cache behind;
+    so does a disk without the room (:class:`NoRoomError`: checked before packing, and the
+    arrays' whole space is reserved before the first image is decoded).
     ``progress``, when given, makes a progress bar when a build starts: ``progress(total=n)``
     returns an object with ``update(k)`` and ``close()``, as ``tqdm`` does.
     """
@@ -191,8 +222,20 @@ def ensure_packed(
             shutil.rmtree(p, ignore_errors=True)
         if target.exists():  # damaged: no manifest, or another one
             shutil.rmtree(target)
-        total = sum(counts.values())
-        log.info("packing %s (%d images) into %s, once", what, total, target)
+        total, need = sum(counts.values()), packed_bytes(counts, hw, kinds)
+        free = free_bytes(home)
+        if need > free:
+            raise NoRoomError(
+                f"packing {what} takes about {human_bytes(need)} on disk, and {home} has "
+                f"{human_bytes(free)} free"
+            )
+        log.info(
+            "packing %s (%d images, about %s on disk) into %s, once",
+            what,
+            total,
+            human_bytes(need),
+            target,
+        )
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=home))
         try:
             n = default_workers(workers)
@@ -201,6 +244,13 @@ def ensure_packed(
                 problems = build_arrays(
                     tmp, by_split, kinds, hw, base, n, bar.update if bar else None
                 )
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise NoRoomError(
+                    f"the disk of {home} filled up while packing {what} (about "
+                    f"{human_bytes(need)}): {err.strerror or err}"
+                ) from err
             finally:
                 if bar is not None:
                     bar.close()

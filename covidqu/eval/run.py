@@ -65,7 +65,7 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
         on_bad_file=cfg.data.get("on_bad_file", "error"),
         cache=cfg.data.get("cache", "none"),
         cache_dir=cfg.data.get("cache_dir"),
-        normalise=cfg.data.get("normalise", "loader"),
+        normalise=cfg.data.get("normalise", "auto"),
     )
     fitted: dict[str, Any] = {}
     if cfg.get("calibrate"):

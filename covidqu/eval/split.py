@@ -19,7 +19,7 @@ def datamodule_for(
     on_bad_file: str = "error",
     cache: str = "none",
     cache_dir: str | None = None,
-    normalise: str = "loader",
+    normalise: str = "auto",
 ) -> pl.LightningDataModule:
     """The DataModule a checkpoint was trained with, on ``root`` (else its training root).
 
