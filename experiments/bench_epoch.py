@@ -18,10 +18,12 @@ is hand-written time over covidqu time, so 1.0 means no overhead (aim: at least 
 
     python experiments/bench_epoch.py --root ../shared/data/covidqu-real [--task infection]
         [--size 128] [--per-class 40] [--encoder resnet18] [--workers 2] [--device cpu|cuda]
-        [--set data.cache=packed ...]
+        [--set data.cache=packed ...] [--compare-cache]
 
-``--set`` passes further overrides to covidqu (and through the DataModule, to the dataset both
-loops share).
+``--compare-cache`` times covidqu alone, from the PNG files against the packed cache (its
+defaults otherwise: uint8 batches made float on the device), and prints the share of each epoch
+spent waiting on data as covidqu's meter logs it (``perf/data_wait``). ``--set`` passes further
+overrides to covidqu (and through the DataModule, to the dataset both loops share).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class EpochTimer(pl.Callback):
             self.seconds.append(time.perf_counter() - self.t0)
 
 
-def config(args: argparse.Namespace, out: Path):
+def config(args: argparse.Namespace, out: Path, extra: list[str] | None = None):
     overrides = [
         f"task={args.task}",
         f"data.root={args.root}",
@@ -84,6 +86,7 @@ def config(args: argparse.Namespace, out: Path):
         "logger=csv",
         f"paths.output_dir={out}",
         *args.set,
+        *(extra or []),
     ]
     if args.device == "cuda":
         overrides.append("module.channels_last=true")
@@ -92,7 +95,9 @@ def config(args: argparse.Namespace, out: Path):
         return compose("train", overrides=overrides)
 
 
-def covidqu_epoch(cfg, device: str) -> float:
+def covidqu_epoch(cfg, device: str) -> tuple[float, float]:
+    """The timed epoch's seconds, and its share spent waiting on data as covidqu's own meter
+    (``perf/data_wait``, the default callbacks' ``data_wait``) logged it."""
     torch.manual_seed(0)
     datamodule, module = build(cfg)
     timer = EpochTimer(device)
@@ -100,7 +105,30 @@ def covidqu_epoch(cfg, device: str) -> float:
     loggers = instantiate_all(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule)
-    return timer.seconds[-1]
+    wait = trainer.callback_metrics.get("perf/data_wait")
+    return timer.seconds[-1], float("nan") if wait is None else float(wait)
+
+
+def compare_caches(args: argparse.Namespace, tmp: Path) -> None:
+    """covidqu's epoch from the PNG files (data.cache=none) and from the packed cache, its
+    defaults otherwise (uint8 batches with the cache), alternating; the data wait of each as
+    its meter measured it."""
+    runs: dict[str, list[tuple[float, float]]] = {"none": [], "packed": []}
+    for r in range(args.repeats):
+        for cache in runs:
+            cfg = config(
+                args, tmp / f"{cache}{r}", [f"data.cache={cache}", f"paths.cache_dir={tmp}"]
+            )
+            runs[cache].append(covidqu_epoch(cfg, args.device))
+    (png_s, png_wait), (pck_s, pck_wait) = (min(v) for v in runs.values())
+    print(
+        f"\n{args.task}, U-Net/{args.encoder}, {args.size} px, batch {args.batch}, "
+        f"{args.per_class} images per class, {args.workers} workers, {args.device}: covidqu's "
+        f"timed epoch, best of {args.repeats}, and its data wait (perf/data_wait)"
+    )
+    print(f"  PNG files     {png_s:7.2f} s/epoch   data wait {png_wait:4.0%}")
+    print(f"  packed cache  {pck_s:7.2f} s/epoch   data wait {pck_wait:4.0%}")
+    print(f"  packed / PNG speed {png_s / pck_s:5.2f}x")
 
 
 def hand_written_epoch(cfg, device: str, compute_only: bool = False) -> float:
@@ -166,8 +194,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--set", nargs="*", default=[], help="further covidqu overrides")
+    ap.add_argument(
+        "--compare-cache",
+        action="store_true",
+        help="covidqu from PNG files against the packed cache, with the data wait of each",
+    )
     args = ap.parse_args()
 
+    if args.compare_cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_caches(args, Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(args, Path(tmp) / "run")
         if args.device == "cuda":
@@ -177,7 +214,7 @@ def main() -> None:
             compute.append(hand_written_epoch(copy.deepcopy(cfg), args.device, compute_only=True))
             hand.append(hand_written_epoch(copy.deepcopy(cfg), args.device))
             cfg.paths.output_dir = str(Path(tmp) / f"run{r}")
-            ours.append(covidqu_epoch(copy.deepcopy(cfg), args.device))
+            ours.append(covidqu_epoch(copy.deepcopy(cfg), args.device)[0])
     h, o, c = min(hand), min(ours), min(compute)
     steps = "epochs of " + " ".join(args.set) if args.set else "epochs"
     print(

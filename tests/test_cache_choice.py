@@ -157,3 +157,12 @@ def test_progress_in_a_log_file_is_a_line_at_every_tenth(caplog):
     assert len(lines) == 10
     assert lines[0] == "packing: 20 of 200 images (10 %)"
     assert lines[-1] == "packing: 200 of 200 images (100 %)"
+
+
+def test_batches_are_pinned_where_cuda_takes_them(synth_root, tmp_path, monkeypatch):
+    """Page-locked batches, which Lightning copies to a CUDA device without blocking."""
+    assert not make(synth_root, tmp_path).train_dataloader().pin_memory  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert make(synth_root, tmp_path).train_dataloader().pin_memory
+    assert make(synth_root, tmp_path).val_dataloader().pin_memory
+    assert not make(synth_root, tmp_path, pin_memory=False).train_dataloader().pin_memory
