@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU paths in one script, for a machine with CUDA: bf16 with channels-last on every task,
-# torch.compile, the packed cache with uint8 batches and batched augmentation on the device,
-# DDP on the GPU (one process per GPU; with one GPU, a world of one: NCCL, the distributed
+# The GPU paths in one script, for a machine with CUDA: bf16 with channels-last (the default on
+# a GPU) on every task, the packed cache with uint8 batches and batched augmentation on the
+# device, DDP on the GPU (one process per GPU; with one GPU, a world of one: NCCL, the distributed
 # sampler and the gathered test rows), evaluation in bf16, and the speed benchmarks on the GPU
-# (the framework against a hand-written loop, and how much of an epoch waits on data).
+# (the framework against a hand-written loop, how much of an epoch waits on data, and one
+# training eager, in channels-last and compiled with torch.compile, side by side).
 #
-#   bash experiments/gpu_check.sh [OUT]          # a few minutes on one recent GPU
+#   bash experiments/gpu_check.sh [OUT]          # meant to take under 8 minutes on one H100 / H200
 #   GPU_CHECK_FULL=1 bash experiments/gpu_check.sh [OUT]   # larger benchmarks, more configs
 #
 # Each run writes metrics.json under OUT; the last step prints them side by side
@@ -48,27 +49,23 @@ step synth "$py" -m covidqu.data synth "$out/data" --per-class 40 --size 256 --s
 common=(data.root="$out/data" encoder=resnet34 encoder.weights=null data.image_size=256
     data.batch_size=16 data.num_workers="$workers" trainer.max_epochs=2
     callbacks.progress_bar=null logger=csv)
+# shellcheck disable=SC2329  # called through step
 train() { "$py" -m covidqu.train "$@"; }
 
-# bf16 mixed precision with channels-last convolutions, on every task
-step lung_bf16_cl train trainer=gpu module.channels_last=true "${common[@]}" \
-    hydra.run.dir="$out/lung_bf16_cl"
-step infection_bf16_cl train task=infection trainer=gpu module.channels_last=true \
-    "${common[@]}" hydra.run.dir="$out/infection_bf16_cl"
+# bf16 mixed precision on every task, with channels-last convolutions: module.channels_last=null,
+# the default, turns them on where the module runs on a GPU
+step lung_bf16_cl train trainer=gpu "${common[@]}" hydra.run.dir="$out/lung_bf16_cl"
+step infection_bf16_cl train task=infection trainer=gpu "${common[@]}" \
+    hydra.run.dir="$out/infection_bf16_cl"
 step classify_bf16 train task=classify trainer=gpu "${common[@]}" hydra.run.dir="$out/classify_bf16"
 step multitask_bf16 train task=multitask trainer=gpu "${common[@]}" \
     hydra.run.dir="$out/multitask_bf16"
-# the packed cache, uint8 batches normalised on the device, batched augmentation there
+# the packed cache, uint8 batches normalised on the device, batched augmentation there (and
+# with augment=gpu_light in the speed runs below)
 step pack "$py" -m covidqu.data pack "$out/data" --size 256 --cache-dir "$out/cache"
-step lung_packed_gpu_light train trainer=gpu module.channels_last=true data.cache=packed \
-    data.cache_dir="$out/cache" data.normalise=device augment=gpu_light "${common[@]}" \
-    hydra.run.dir="$out/lung_packed_gpu_light"
 step infection_packed_gpu_strong train task=infection trainer=gpu data.cache=packed \
     data.cache_dir="$out/cache" augment=gpu_strong "${common[@]}" trainer.max_epochs=1 \
     hydra.run.dir="$out/infection_packed_gpu_strong"
-# torch.compile
-step lung_compile train trainer=gpu module.compile=true "${common[@]}" \
-    hydra.run.dir="$out/lung_compile"
 # DDP on GPUs: every GPU there is (a world of one on a one-GPU machine), then a DDP sweep
 step lung_ddp train trainer=ddp trainer.devices="$n_gpu" "${common[@]}" \
     hydra.run.dir="$out/lung_ddp"
@@ -106,6 +103,29 @@ for aug in "${augments[@]}"; do
             data.cache_dir="$out/cache"
     done
 done
+# One training three ways: eager (contiguous), channels-last (the default on a GPU) and compiled
+# (module.compile=true, contiguous, so each ratio to eager shows one switch; GPU_CHECK_FULL=1 adds
+# both at once). Full batches only (a last, smaller one would compile again) from the packed cache
+# with uint8 batches and gpu_light, so that the model, not the loader, sets the pace; the table
+# gives each run's samples a second and data wait over its epochs after the first (which holds
+# the compilation) and its speed against eager's.
+speed=(data.root="$out/bench" encoder=resnet34 encoder.weights=null data.image_size=256
+    data.batch_size=32 data.num_workers="$workers" data.cache=packed data.cache_dir="$out/cache"
+    data.normalise=device augment=gpu_light trainer=gpu trainer.max_epochs=4
+    trainer.limit_train_batches=$((3 * per_class / 32)) trainer.limit_val_batches=1 test=false
+    postprocess=none callbacks.progress_bar=null logger=csv)
+runs=(speed_eager speed_channels_last speed_compiled)
+step speed_eager train module.channels_last=false "${speed[@]}" hydra.run.dir="$out/speed_eager"
+step speed_channels_last train module.channels_last=null "${speed[@]}" \
+    hydra.run.dir="$out/speed_channels_last"
+step speed_compiled train module.channels_last=false module.compile=true "${speed[@]}" \
+    hydra.run.dir="$out/speed_compiled"
+if [[ "$full" == 1 ]]; then
+    runs+=(speed_compiled_channels_last)
+    step speed_compiled_channels_last train module.compile=true "${speed[@]}" \
+        hydra.run.dir="$out/speed_compiled_channels_last"
+fi
+step speed_table "$py" experiments/perf_table.py "${runs[@]/#/$out/}"
 if [[ "$full" == 1 ]]; then
     step bench_data "$py" experiments/bench_data.py --workers "$workers" --root "$out/bench" \
         --skip-scan --cache-dir "$out/cache"
@@ -113,7 +133,10 @@ if [[ "$full" == 1 ]]; then
         --strong
 fi
 step report "$py" -m covidqu.report "$out"
-grep -h -A4 "^lung, U-Net" "$out"/bench_epoch_*.log >>"$summary" 2>/dev/null
-grep -h "ms/step" "$out/bench_train.log" >>"$summary" 2>/dev/null
+{
+    grep -h -A4 "^lung, U-Net" "$out"/bench_epoch_*.log
+    grep -h "ms/step" "$out/bench_train.log"
+    grep -h "^|" "$out/speed_table.log"
+} >>"$summary" 2>/dev/null
 cat "$summary"
 exit "$failed"

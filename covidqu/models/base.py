@@ -40,7 +40,9 @@ class CXRModule(pl.LightningModule):
         scheduler_interval: ``step`` or ``epoch``.
         scheduler_monitor: the metric a plateau scheduler watches.
         channels_last: run the network in channels-last memory format (faster convolutions on
-            recent GPUs with mixed precision).
+            recent GPUs with mixed precision): ``True`` or ``False`` force it; ``None`` turns it
+            on where the module runs on a CUDA device and off elsewhere, decided once the device
+            is known (:func:`channels_last_on`).
         compile: compile the network with ``torch.compile`` at fit start.
         recipe: plain-dict configs needed to rebuild the network and its preprocessing; saved
             in every checkpoint.
@@ -72,7 +74,7 @@ class CXRModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         compile: bool = False,
         recipe: Mapping[str, Any] | None = None,
     ) -> None:
@@ -91,7 +93,16 @@ class CXRModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
+        if not (channels_last is None or isinstance(channels_last, bool)):
+            raise ValueError(
+                f"module.channels_last must be true, false or null (on a CUDA device only), "
+                f"got {channels_last!r}"
+            )
+        #: ``module.channels_last`` as given; :attr:`runs_channels_last` is what the network does.
         self.channels_last = channels_last
+        #: Whether the network is in channels-last memory format now (as built, it is not);
+        #: under ``None`` it follows the device once that is known (:meth:`follow_device`).
+        self.runs_channels_last = False
         self.compile_net = compile
         self.recipe: dict[str, Any] = dict(to_plain(recipe or {}))
         #: Per-image rows of the last test run (id, class, scores), for ``per_image.csv``.
@@ -114,12 +125,28 @@ class CXRModule(pl.LightningModule):
             ignore=["net", "loss", "metrics", "optimizer", "scheduler", "recipe"]
         )
         if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.follow_device(self.device)
 
     # -- forward ---------------------------------------------------------------------------------
 
+    def follow_device(self, device: torch.device) -> bool:
+        """Put the network in the memory format ``module.channels_last`` asks for on ``device``
+        (:func:`channels_last_on`), converting it where it is not; whether that is channels-last.
+
+        Called at ``setup``, before the strategy moves the module and wraps it for DDP, and by
+        every forward, where it changes nothing unless the module moved to another kind of
+        device outside a Trainer (``predict`` and ``analyze`` load a checkpoint on the CPU, then
+        move it).
+        """
+        wanted = channels_last_on(self.channels_last, device)
+        if wanted != self.runs_channels_last:
+            fmt = torch.channels_last if wanted else torch.contiguous_format
+            self.net = self.net.to(memory_format=fmt)
+            self.runs_channels_last = wanted
+        return wanted
+
     def forward(self, image: Tensor) -> Tensor:
-        if self.channels_last and image.dim() == 4:
+        if self.follow_device(image.device) and image.dim() == 4:
             image = image.contiguous(memory_format=torch.channels_last)
         return self.net(image)
 
@@ -312,6 +339,8 @@ class CXRModule(pl.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        # Lightning sets the module's device to the strategy's root device before this hook
+        self.follow_device(self.device)
         if self.compile_net and stage == "fit":
             self.net = torch.compile(self.net)
 
@@ -350,6 +379,16 @@ class CXRModule(pl.LightningModule):
         if "covidqu" in checkpoint and not self.recipe:
             self.recipe = {k: v for k, v in checkpoint["covidqu"].items() if k != "module_class"}
         self._resumed = Resumed.of(checkpoint)  # Lightning calls this before configure_optimizers
+
+
+def channels_last_on(setting: bool | None, device: torch.device | str) -> bool:
+    """Whether a network on ``device`` runs in channels-last memory format: ``setting``
+    (``module.channels_last``) where it is ``True`` or ``False``; for ``None``, on a CUDA device
+    only, where convolutions in mixed precision are faster in it (on a CPU they are often
+    slower)."""
+    if setting is None:
+        return torch.device(device).type == "cuda"
+    return bool(setting)
 
 
 def logits_output(names: Sequence[str], shape: Sequence[Any]) -> dict[str, Any]:
