@@ -193,7 +193,8 @@ class COVIDQUDataModule(pl.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
         self._train_position: dict[str, int] | None = None
         self.cache_setting = check_cache_setting(cache, isinstance(self.reader, PngReader))
-        #: What the run reads, ``none`` or ``packed``, once :meth:`setup` chose; until then None.
+        #: What the run reads, ``none`` or ``packed``, once :meth:`setup` chose; until then the
+        #: setting as given.
         self.cache, self.cache_dir = cache, cache_dir
         self._cache_chosen = False
 
@@ -383,7 +384,8 @@ class COVIDQUDataModule(pl.LightningDataModule):
 
         if self._cache_chosen:
             return
-        self.index = self.index or self.scan()
+        if self.index is None:
+            self.index = self.scan()
         png = isinstance(self.reader, PngReader)
         on_gpu = png and trains_on_cuda(getattr(self, "trainer", None))
         args = (self.index, self.subset, self.image_size, cache_root(self.cache_dir))
