@@ -346,3 +346,22 @@ def test_analyze_page_in_a_browser(browser, analyze_folder: Path, tmp_path) -> N
     assert report_main([str(folder), "--quiet", "--worst", "4"]) == 0
     _open(browser, folder / report_html.REPORT_HTML)
     assert len(browser.find_elements(By.CSS_SELECTOR, "figure.worst img")) == 4
+
+
+def test_a_training_run_page_has_its_curves_and_its_test_images_by_dice(
+    trained_run: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A run folder without ``.hydra/`` (as the shared runs are): its metrics, learning
+    curves, and its test images ranked by Dice, none with an overlay (training keeps none)."""
+    folder = copy_shared(
+        trained_run("lung"), tmp_path / "lung", ignore=shutil.ignore_patterns("checkpoints")
+    )
+    assert report_main([str(folder), "--quiet", "--worst", "4"]) == 0
+    page = (folder / report_html.REPORT_HTML).read_text()
+    _self_contained(page)
+    assert "<h2>metrics.json</h2>" in page and 'alt="learning curves of ."' in page
+    rows = read_csv(folder / "per_image.csv")
+    expected = sorted(rows, key=lambda r: (float(r["dice"]), r["id"]))[:4]
+    shown = re.findall(r'<figure class="worst">.*?<b>([^:<]*) \(', page)
+    assert shown == [r["id"] for r in expected]
+    assert page.count("no overlay written for this image") == 4

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from covidqu.files import write_atomic
-from covidqu.report import figures, gallery
+from covidqu.report.figures import (
+    LOG_FILE,
+    confusion_figure,
+    covid_roc,
+    hyperparameter_plots,
+    learning_curves,
+    per_class,
+    per_epoch,
+)
+from covidqu.report.gallery import WORST_N, image_rows, worst
 from covidqu.report.run import cell, ordered_columns, read_monitor, varying
 from covidqu.report.study import study_figures
 
@@ -118,7 +127,7 @@ def _runs_section(root: Path, table: Sequence[Mapping[str, Any]]) -> list[str]:
     keys = varying(table)
     if len(runs) > 1 and keys and len(monitors) == 1:
         metric = monitors.pop()
-        plots = figures.hyperparameter_plots(runs, keys, metric)
+        plots = hyperparameter_plots(runs, keys, metric)
         if plots:
             parts.append("<h3>Hyperparameters against the monitored metric</h3>")
             parts += [_figure(t, d) for t, d in plots]
@@ -136,13 +145,13 @@ def _runs_section(root: Path, table: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _curves_section(root: Path, table: Sequence[Mapping[str, Any]]) -> list[str]:
     folders = [root / r["run"] for r in table if r.get("status") != "summary"]
-    if (root / figures.LOG_FILE).is_file() and root.resolve() not in {f.resolve() for f in folders}:
+    if (root / LOG_FILE).is_file() and root.resolve() not in {f.resolve() for f in folders}:
         folders.insert(0, root)
-    logged = [f for f in folders if (f / figures.LOG_FILE).is_file()]
+    logged = [f for f in folders if (f / LOG_FILE).is_file()]
     parts = []
     for folder in logged[:MAX_CURVES]:
-        series = figures.per_epoch(folder / figures.LOG_FILE)
-        data = figures.learning_curves(series, read_monitor(folder))
+        series = per_epoch(folder / LOG_FILE)
+        data = learning_curves(series, read_monitor(folder))
         if data is None:
             continue
         name = folder.relative_to(root).as_posix() if folder != root else "."
@@ -165,26 +174,26 @@ def _figures_section(root: Path) -> list[str]:
         if (root / n).is_file()
     ]
     if (root / "confusion_matrix.csv").is_file():
-        data = figures.confusion_figure(root / "confusion_matrix.csv")
+        data = confusion_figure(root / "confusion_matrix.csv")
         if data:
             parts.append(_figure("confusion matrix", data))
-    source, rows = gallery.image_rows(root)
+    source, rows = image_rows(root)
     if rows and not (root / "roc.png").is_file():
-        data = figures.covid_roc(rows)
+        data = covid_roc(rows)
         if data:
             parts.append(_figure("ROC curve: COVID-19 against the rest", data))
     if rows:
         first = rows[0]
         columns = [c for c in ("dice", "iou", "lung_dice", "infection_dice") if c in first]
         columns += [c for c in first if c.startswith("p_")] if not columns else []
-        data = figures.per_class(rows, columns)
+        data = per_class(rows, columns)
         if data:
             parts.append(_figure(f"per class ({source})", data))
     return ["<h2>Figures</h2>", *parts] if parts else []
 
 
 def _gallery_section(root: Path, n: int) -> list[str]:
-    label, shown = gallery.worst(root, n)
+    label, shown = worst(root, n)
     if not shown:
         return []
     parts = [
@@ -247,7 +256,7 @@ def build_page(root: Path, table: Sequence[Mapping[str, Any]], worst_n: int) -> 
 
 
 def write_html(
-    root: Path, table: Sequence[Mapping[str, Any]], worst_n: int = gallery.WORST_N
+    root: Path, table: Sequence[Mapping[str, Any]], worst_n: int = WORST_N
 ) -> Path | None:
     """Write ``root/report.html`` (whole or not at all); ``None`` where there is nothing."""
     page = build_page(root, table, worst_n)
