@@ -365,3 +365,16 @@ def test_a_training_run_page_has_its_curves_and_its_test_images_by_dice(
     shown = re.findall(r'<figure class="worst">.*?<b>([^:<]*) \(', page)
     assert shown == [r["id"] for r in expected]
     assert page.count("no overlay written for this image") == 4
+
+
+def test_an_analysis_of_images_without_truth_gets_a_page_saying_so(tmp_path: Path) -> None:
+    folder = tmp_path / "analysis"
+    folder.mkdir()
+    (folder / "analysis.csv").write_text(
+        "file,status,severity_pct,grade,covid,covid_score\n"
+        "in/a.png,ok,3.5,mild,1,3.5\nin/b.png,unreadable,,,,\n"
+    )
+    (folder / "a_overlay.png").write_bytes(PIXEL)
+    assert report_main([str(folder), "--quiet"]) == 0
+    page = (folder / report_html.REPORT_HTML).read_text()
+    assert "2 rows in analysis.csv, with no truth to rank them by" in page

@@ -195,7 +195,15 @@ def _figures_section(root: Path) -> list[str]:
 def _gallery_section(root: Path, n: int) -> list[str]:
     label, shown = worst(root, n)
     if not shown:
-        return []
+        source, rows = image_rows(root)
+        if not rows:
+            return []
+        return [
+            "<h2>Images</h2>",
+            f'<p class="note">{len(rows)} rows in {source}, with no truth to rank them by '
+            "(scored on a split, analyze and eval write the per-image Dice or the class): "
+            "no gallery of the worst.</p>",
+        ]
     parts = [
         f"<h2>The {len(shown)} worst images</h2>",
         f'<p class="note">Ranked by {html.escape(label)}, worst first.</p>',
