@@ -58,6 +58,14 @@ def test_a_2x2_sweep_and_its_report(synth_root, tmp_path):
     assert len(combos) == 4
     # the sweep's own summary was written at its end
     assert (out / "report.md").is_file() and (out / "report.csv").is_file()
+    # and printed within the width of a terminal (80 where output is not one), 8 columns at
+    # most (it was 27 columns, 378 characters wide); the files hold every column
+    width = int(os.environ.get("COLUMNS", 80))
+    summary = proc.stdout[proc.stdout.index("run(s) under") :].splitlines()
+    lines = [line for line in summary if line[:1] in "┏┃┡│└"]
+    assert lines and max(len(line) for line in lines) <= width, "\n".join(lines)
+    assert lines[0].count("┳") + 1 <= 8
+    assert len(read_csv(out / "report.csv")[0]) > 8
     # and the report command lists the 4 runs, best first
     (out / "report.csv").unlink()
     assert report_main([str(out), "--quiet"]) == 0

@@ -210,7 +210,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
@@ -230,34 +230,107 @@ def write_report(table: Sequence[dict[str, Any]], root: Path) -> tuple[Path, Pat
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in table:
-            writer.writerow({k: _cell(row.get(k)) for k in columns})
+            writer.writerow({k: cell(row.get(k)) for k in columns})
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table:
-        cells = [_cell(row.get(k)).replace("|", "\\|") for k in columns]
+        cells = [cell(row.get(k)).replace("|", "\\|") for k in columns]
         lines.append("| " + " | ".join(cells) + " |")
     write_atomic(md_path, f"# Runs under {root}\n\n" + "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
+#: The most columns the terminal table shows (the files hold every column).
+TERMINAL_COLUMNS = 8
+
+
+def varying(table: Sequence[dict[str, Any]]) -> list[str]:
+    """The override columns of ``table`` (those that differ between its runs)."""
+    if not table:
+        return []
+    columns = list(table[0])
+    end = min(columns.index(c) for c in ("fold", "status") if c in columns)
+    return columns[1:end]
+
+
+def ordered_columns(table: Sequence[dict[str, Any]]) -> list[str]:
+    """Every column of ``table``, the monitored metric (or metrics) right after ``run``."""
+    columns: list[str] = []
+    for row in table:
+        columns += [k for k in row if k not in columns]
+    monitors = [m for m in dict.fromkeys(r.get("monitor") for r in table) if m in columns]
+    rest = [c for c in columns if c not in monitors and c != "run"]
+    return ["run", *monitors, *rest] if "run" in columns else [*monitors, *rest]
+
+
+def terminal_columns(
+    table: Sequence[dict[str, Any]], width: int | None = None, limit: int = TERMINAL_COLUMNS
+) -> list[str]:
+    """At most ``limit`` columns: the monitored metric first, then the run, what varies and
+    its status; then the others in the files' order while the table stays within ``width``
+    characters (``monitor`` only where runs differ in it)."""
+    columns = [c for c in ordered_columns(table) if c != "error"]
+    monitors = [m for m in dict.fromkeys(r.get("monitor") for r in table) if m in columns]
+    first = [*monitors[:1], "run", *varying(table), "status"]
+    if len(monitors) > 1:
+        first.append("monitor")
+    chosen = [c for c in dict.fromkeys(first) if c in columns][:limit]
+
+    def span(c: str) -> int:  # a column's characters, with its border and padding
+        return max(len(c), *(len(cell(r.get(c))) for r in table)) + 3
+
+    used = 1 + sum(span(c) for c in chosen)
+    for c in columns:
+        if len(chosen) >= limit:
+            break
+        if c in chosen or c == "monitor":
+            continue
+        if width is not None and used + span(c) > width:
+            continue
+        chosen.append(c)
+        used += span(c)
+    return chosen
+
+
 def print_table(table: Sequence[dict[str, Any]], title: str) -> None:
-    """The report on the terminal (figures of the monitored stage first)."""
+    """The report on the terminal: at most :data:`TERMINAL_COLUMNS` columns, as wide as the
+    terminal (``report.csv``, ``report.md`` and ``report.html`` hold every column)."""
     from rich.console import Console
     from rich.table import Table
 
-    columns: list[str] = []
-    for row in table:
-        columns += [k for k in row if k not in columns and k != "error"]
+    console = Console()  # the terminal's width (80 where output is not a terminal)
+    columns = terminal_columns(table, console.width)
+    every = [c for c in ordered_columns(table) if c != "error"]
     t = Table(title=title, show_lines=False)
     for c in columns:
-        t.add_column(c, justify="right" if c.startswith(("val/", "test/")) else "left")
+        justify = "right" if c.startswith(("val/", "test/")) else "left"
+        t.add_column(c, justify=justify, overflow="fold")  # long names wrap, never cut
     for row in table:
         style = "red" if row["status"] == "failed" else None
-        t.add_row(*(_cell(row.get(c)) for c in columns), style=style)
-    console = Console(width=max(120, 14 * len(columns)))
+        t.add_row(*(cell(row.get(c)) for c in columns), style=style)
     console.print(t)
+    hidden = len(every) - len(columns)
+    if hidden > 0:
+        console.print(f"{hidden} more columns in report.csv, report.md and report.html")
     for row in table:
         if row.get("error"):
             console.print(f"[red]{row['run']} failed:[/red] {row['error']}")
+
+
+def read_monitor(folder: Path) -> str | None:
+    """The metric a run folder monitored: from ``metrics.json``, else its config."""
+    metrics = folder / METRICS_FILE
+    if metrics.is_file():
+        try:
+            found = json.loads(metrics.read_text()).get("monitor")
+        except (OSError, ValueError):
+            found = None
+        if found:
+            return str(found)
+    for config in (folder / ".hydra" / "config.yaml", folder / "config.yaml"):
+        task = (_load_yaml(config) or {}).get("task") if config.is_file() else None
+        if isinstance(task, dict) and task.get("monitor"):
+            return str(task["monitor"])
+    return None
 
 
 def report(root: str | Path, quiet: bool = False) -> list[dict[str, Any]]:
@@ -267,6 +340,6 @@ def report(root: str | Path, quiet: bool = False) -> list[dict[str, Any]]:
     table = rows(runs, base)
     if table:
         write_report(table, base)
-    if not quiet:
+    if table and not quiet:
         print_table(table, f"{len(table)} run(s) under {base}")
     return table
