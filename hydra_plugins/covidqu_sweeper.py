@@ -7,9 +7,14 @@ imports every plugin module at the start of every command.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+# Importing optuna (Hydra does, to build the sampler, before this sweeper exists) imports
+# alembic, which logs a line for each plugin of its own: noise in a search's log.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 class ResumingOptunaSweeper(OptunaSweeper):

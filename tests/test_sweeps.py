@@ -180,6 +180,14 @@ def test_an_optuna_search_resumes_where_it_stopped(synth_root, tmp_path):
     assert "Nothing to run: raise hydra.sweeper.n_trials" in proc.stdout + proc.stderr
     assert len(study_trials(out)) == 3 and len(job_dirs(out)) == 3
 
+    # another list of losses is another study: refused before any trial, naming the key
+    changed = [*search[:3], "hydra.sweeper.params.loss='choice(dice, focal)'"]
+    out, proc = sweep(synth_root, tmp_path, *changed, "hydra.sweeper.n_trials=4")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: hydra.sweeper.params.loss searches" in proc.stderr
+    assert "hydra.sweeper.study_name=" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(study_trials(out)) == 3 and len(job_dirs(out)) == 3
+
     # the report page's figures of the study: its history and its parameter importances
     figures = study_figures(out)
     assert [title.rsplit(": ", 1)[1] for title, _ in figures] == [
@@ -188,6 +196,12 @@ def test_an_optuna_search_resumes_where_it_stopped(synth_root, tmp_path):
     ]
     for _, png in figures:
         assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape[0] > 100
+
+
+def test_no_study_figures_where_a_folder_holds_no_study(tmp_path):
+    (tmp_path / "0").mkdir()  # a sweep of another kind: job folders, no study file
+    assert study_figures(tmp_path) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["0"]  # nor was a study file made
 
 
 def test_failed_trials_do_not_crash_optuna(synth_root, tmp_path):
