@@ -332,3 +332,44 @@ def test_the_search_offers_gpu_augmentations_only_to_a_cuda_trainer(
     gpu = {"gpu_light", "gpu_strong"} if on_gpu else set()
     assert set(choices) == {"none", "light", "strong", *gpu}
     assert all((CONF / "augment" / f"{choice}.yaml").is_file() for choice in choices)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(143)])
+def test_an_interrupted_trial_is_failed_and_run_again(stop: BaseException):
+    """Ctrl-C, or a job's SIGTERM (which ends the job's process in SystemExit), stops the
+    search: the trials under way are FAIL trials marked interrupted, which n_trials leaves out,
+    so the next launch runs as many again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from covidqu.runtime.sweeper import INTERRUPTED, ResumingSweeper, consecutive, counted
+
+    class Stopped:
+        def launch(self, overrides, initial_job_idx):
+            raise stop
+
+    sweeper = ResumingSweeper(
+        sampler=None,
+        direction="maximize",
+        storage=None,
+        study_name=None,
+        n_trials=3,
+        n_jobs=2,
+        max_failure_rate=0.0,
+        search_space=None,
+        custom_search_space=None,
+        params=None,
+    )
+    sweeper.launcher = Stopped()
+    study = optuna.create_study(direction="maximize")
+    study.tell(study.ask(), 0.5)
+    trials = [study.ask(), study.ask()]
+    with pytest.raises(type(stop)):
+        sweeper._launch(study, trials, [["loss=dice"], ["loss=dice"]], ["maximize"])
+    states = [(t.state, t.user_attrs.get(INTERRUPTED)) for t in study.trials]
+    assert states == [(TrialState.COMPLETE, None)] + [(TrialState.FAIL, True)] * 2
+    assert counted(study.trials) == 1
+    # a number another process took splits a launch, so that job folders follow trial numbers
+    study.ask()  # trial 3, elsewhere
+    runs = consecutive([*trials, study.ask()])
+    assert [[t.number for t in run] for run in runs] == [[1, 2], [4]]
