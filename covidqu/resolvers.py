@@ -47,6 +47,29 @@ def optuna_direction(monitor_mode: str) -> str:
     return directions[monitor_mode]
 
 
+#: What ``augment`` an Optuna search chooses from; the batch augmentations on the training
+#: device join them where the trainer runs on CUDA (on the CPU they would only slow it).
+SEARCHED_AUGMENTS = ("none", "light", "strong")
+GPU_AUGMENTS = ("gpu_light", "gpu_strong")
+
+
+def on_cuda(accelerator: str) -> bool:
+    """Whether a trainer of ``trainer.accelerator`` runs on a CUDA device."""
+    if str(accelerator) in ("gpu", "cuda"):
+        return True
+    if str(accelerator) != "auto":
+        return False
+    import torch  # here: composing a config needs no torch otherwise
+
+    return torch.cuda.is_available()
+
+
+def optuna_augments(accelerator: str) -> str:
+    """The Optuna search's ``augment`` choice for ``trainer.accelerator``."""
+    choices = SEARCHED_AUGMENTS + (GPU_AUGMENTS if on_cuda(accelerator) else ())
+    return f"choice({', '.join(choices)})"
+
+
 def slurm_tasks(devices: Any) -> int:
     """Slurm tasks per node for ``trainer.devices``: Slurm starts one process per device."""
     if isinstance(devices, list | ListConfig) and devices:  # explicit device indices
@@ -74,6 +97,7 @@ _RESOLVERS = {
     "covidqu.num_classes": num_classes,
     "covidqu.covid_class": covid_class,
     "covidqu.optuna_direction": optuna_direction,
+    "covidqu.optuna_augments": optuna_augments,
     "covidqu.slurm_tasks": slurm_tasks,
     "covidqu.slurm_gpus": slurm_gpus,
 }

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import yaml
 
 from covidqu.report import main as report_main
+from covidqu.report.study import study_figures
+from covidqu.runtime.outputs import STUDY_FILE
 from covidqu.runtime.runlock import LOCK_FILE
 
-from pipeline_helpers import PROJECT_ROOT, TINY, read_csv, read_metrics, run_module
+from pipeline_helpers import CONF, TINY, read_csv, read_metrics, run_module
 
 #: Short jobs: one epoch of two batches, one batch to validate and test.
 SHORT = [
@@ -140,23 +141,75 @@ def test_a_failed_job_does_not_stop_the_sweep(synth_root, tmp_path):
     assert report_main([str(out), "--quiet"]) == 1
 
 
-def test_optuna_search_of_three_trials(synth_root, tmp_path):
-    out, proc = sweep(
-        synth_root,
-        tmp_path,
+def study_trials(sweep_dir: Path, name: str = "lung") -> list:
+    """The trials of the study kept in ``sweep_dir``'s SQLite file."""
+    import optuna
+
+    storage = f"sqlite:///{sweep_dir / STUDY_FILE}"
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+@pytest.mark.slow  # three launches, three trials: about 2-3 minutes on 2 cores
+def test_an_optuna_search_resumes_where_it_stopped(synth_root, tmp_path):
+    """Re-running the command continues the study in the sweep folder: n_trials is the study's
+    total, each trial's job folder is its own, and the resumed sampler proposes new trials."""
+    search = [
         "hparams_search=optuna",
-        "hydra.sweeper.n_trials=3",
         "hydra.sweeper.params.encoder='choice(resnet18)'",
         "hydra.sweeper.params.augment='choice(none, light)'",
         "hydra.sweeper.params.loss='choice(dice, dice_bce)'",
-    )
+    ]
+    out, proc = sweep(synth_root, tmp_path, *search, "hydra.sweeper.n_trials=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [j.name for j in job_dirs(out)] == ["0", "1"]
+    first = {j.name: (j / "metrics.json").read_bytes() for j in job_dirs(out)}
+
+    out, proc = sweep(synth_root, tmp_path, *search, "hydra.sweeper.n_trials=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 of hydra.sweeper.n_trials=3 trials done, 1 to run" in proc.stdout + proc.stderr
     jobs = job_dirs(out)
-    assert len(jobs) == 3
-    values = [read_metrics(j)["val/dice"] for j in jobs]
+    assert [j.name for j in jobs] == ["0", "1", "2"]
+    assert {j: (out / j / "metrics.json").read_bytes() for j in first} == first  # untouched
+    trials = study_trials(out)
+    assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(3)]
+    for trial, job in zip(trials, jobs, strict=True):  # each trial ran in its own folder
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert f"loss={trial.params['loss']}" in overrides
+        assert trial.value == pytest.approx(read_metrics(job)["val/dice"])
+    # seeded as at the first launch, the sampler would propose trial 0 again
+    assert trials[2].params["optimizer.lr"] != trials[0].params["optimizer.lr"]
     results = yaml.safe_load((out / "optimization_results.yaml").read_text())
-    assert results["best_value"] == pytest.approx(max(values))
+    assert results["best_value"] == pytest.approx(max(t.value for t in trials))
     assert set(results["best_params"]) >= {"optimizer.lr", "loss", "augment"}
+
+    # a third time: the study has its 3 trials, nothing runs
+    out, proc = sweep(synth_root, tmp_path, *search, "hydra.sweeper.n_trials=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to run: raise hydra.sweeper.n_trials" in proc.stdout + proc.stderr
+    assert len(study_trials(out)) == 3 and len(job_dirs(out)) == 3
+
+    # another list of losses is another study: refused before any trial, naming the key
+    changed = [*search[:3], "hydra.sweeper.params.loss='choice(dice, focal)'"]
+    out, proc = sweep(synth_root, tmp_path, *changed, "hydra.sweeper.n_trials=4")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: hydra.sweeper.params.loss searches" in proc.stderr
+    assert "hydra.sweeper.study_name=" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(study_trials(out)) == 3 and len(job_dirs(out)) == 3
+
+    # the report page's figures of the study: its history and its parameter importances
+    figures = study_figures(out)
+    assert [title.rsplit(": ", 1)[1] for title, _ in figures] == [
+        "optimisation history",
+        "parameter importances",
+    ]
+    for _, png in figures:
+        assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape[0] > 100
+
+
+def test_no_study_figures_where_a_folder_holds_no_study(tmp_path):
+    (tmp_path / "0").mkdir()  # a sweep of another kind: job folders, no study file
+    assert study_figures(tmp_path) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["0"]  # nor was a study file made
 
 
 def test_failed_trials_do_not_crash_optuna(synth_root, tmp_path):
@@ -172,86 +225,48 @@ def test_failed_trials_do_not_crash_optuna(synth_root, tmp_path):
     assert "Traceback" not in proc.stderr
     assert all((j / "failure.txt").is_file() for j in job_dirs(out))
     assert len(job_dirs(out)) == 2
+    assert [t.state.name for t in study_trials(out)] == ["FAIL", "FAIL"]
+    assert not (out / "optimization_results.yaml").exists()  # no trial has a value
+    assert [title for title, _ in study_figures(out)] == ["Optuna study lung: optimisation history"]
 
 
-#: ``python -m covidqu.train`` with Optuna's study kept: the trials argv[2] gives (JSON: a list
-#: of parameter dicts) are enqueued first, and every trial's number, state, value and parameters,
-#: with the best trial's number, are written as JSON to argv[1] when the sweep ends (the study
-#: lives in memory only: optuna's own SQLite storage needs an older SQLAlchemy).
-RECORD_STUDY = """
-import atexit, json, runpy, sys
-import optuna
-path, queue = sys.argv.pop(1), json.loads(sys.argv.pop(1))
-studies = []
-create = optuna.create_study
-def keep(*args, **kwargs):
-    studies.append(create(*args, **kwargs))
-    for params in queue:
-        studies[-1].enqueue_trial(params)
-    return studies[-1]
-optuna.create_study = keep
-def dump():
-    (study,) = studies
-    trials = [
-        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
-        for t in study.trials
-    ]
-    completed = [t for t in study.trials if t.state.name == "COMPLETE"]
-    best = study.best_trial.number if completed else None
-    with open(path, "w") as fh:
-        json.dump({"direction": study.direction.name, "trials": trials, "best": best}, fh)
-atexit.register(dump)
-runpy.run_module("covidqu.train", run_name="__main__", alter_sys=True)
-"""
+def test_optuna_records_a_failed_trial_as_failed_and_goes_on(synth_root, tmp_path):
+    """A job that fails is a FAIL trial of the study, never its best, and the search goes on:
+    the study's best trial, and optimization_results.yaml, are the completed one's. The two
+    trials are enqueued in the study before the search: cross-entropy first, which refuses the
+    binary lung mask at its first step, so that trial fails; then the Dice loss."""
+    import optuna
 
-
-def test_optuna_records_a_failed_trial_as_the_worst_never_the_best(synth_root, tmp_path):
-    """A job that fails returns the worst value for the direction (-inf when maximising
-    val/dice), so Optuna ranks it last: the study's best trial, and optimization_results.yaml,
-    are the completed one's. The two trials are enqueued: cross-entropy first, which refuses
-    the binary lung mask at its first step, so that trial fails; then the Dice loss."""
-    out, record = tmp_path / "sweep", tmp_path / "study.json"
-    args = [
-        "-m",
-        *SHORT,
+    out = tmp_path / "sweep"
+    out.mkdir()
+    study = optuna.create_study(
+        study_name="lung", storage=f"sqlite:///{out / STUDY_FILE}", direction="maximize"
+    )
+    for loss in ("ce", "dice"):  # every searched parameter given (encoder and batch size: TINY)
+        study.enqueue_trial({"optimizer.lr": 1e-3, "augment": "none", "loss": loss})
+    out, proc = sweep(
+        synth_root,
+        tmp_path,
         "trainer.limit_val_batches=1",
         "test=false",
-        f"data.root={synth_root}",
-        f"hydra.sweep.dir={out}",
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.params.loss='choice(dice, ce)'",
-    ]
-    # every searched parameter given (encoder and batch size are fixed by TINY's overrides)
-    queue = [{"optimizer.lr": 1e-3, "augment": "none", "loss": loss} for loss in ("ce", "dice")]
-    env = {k: v for k, v in os.environ.items() if k != "COVIDQU_ROOT"}
-    env.update(PYTHONUNBUFFERED="1", PROJECT_ROOT=str(tmp_path / "project"))
-    proc = subprocess.run(
-        [sys.executable, "-c", RECORD_STUDY, str(record), json.dumps(queue), *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=PROJECT_ROOT,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]  # a job failed: the sweep says so
-    study = json.loads(record.read_text())
-    assert study["direction"] == "MAXIMIZE"
-    by_loss = {t["params"]["loss"]: t for t in study["trials"]}
-    assert sorted(by_loss) == ["ce", "dice"]
-    failed, completed = by_loss["ce"], by_loss["dice"]
-    assert failed["state"] == "FAIL" or failed["value"] == -math.inf, failed
-    assert completed["state"] == "COMPLETE" and math.isfinite(completed["value"]), completed
-    assert study["best"] == completed["number"]
+    study = optuna.load_study(study_name="lung", storage=f"sqlite:///{out / STUDY_FILE}")
+    failed, completed = study.trials
+    assert (failed.params["loss"], failed.state.name, failed.value) == ("ce", "FAIL", None)
+    assert completed.params["loss"] == "dice" and completed.state.name == "COMPLETE"
+    assert study.best_trial.number == completed.number == 1
 
     jobs = job_dirs(out)
-    assert len(jobs) == 2
-    done = [j for j in jobs if (j / "metrics.json").is_file()]
-    assert len(done) == 1 and sum((j / "failure.txt").is_file() for j in jobs) == 1
-    assert completed["value"] == pytest.approx(read_metrics(done[0])["val/dice"])
+    assert [j.name for j in jobs] == ["0", "1"]
+    assert (jobs[0] / "failure.txt").is_file() and (jobs[1] / "metrics.json").is_file()
+    assert completed.value == pytest.approx(read_metrics(jobs[1])["val/dice"])
     results = yaml.safe_load((out / "optimization_results.yaml").read_text())
     assert results["best_params"]["loss"] == "dice"
-    assert results["best_value"] == pytest.approx(completed["value"])
+    assert results["best_value"] == pytest.approx(completed.value)
 
 
 def test_ddp_cpu_inside_a_sweep_counts_every_test_image_once(synth_root, tmp_path):
@@ -289,3 +304,80 @@ def test_ddp_cpu_inside_a_sweep_counts_every_test_image_once(synth_root, tmp_pat
     assert single["images"] == 9
     for name in ("dice", "iou", "sensitivity", "specificity", "precision"):
         assert math.isclose(single[f"test/{name}"], metrics[f"test/{name}"], abs_tol=1e-5), name
+
+
+@pytest.mark.parametrize(
+    ("trainer", "cuda", "on_gpu"),
+    [
+        ("cpu", True, False),
+        ("gpu", False, True),
+        ("ddp", False, True),
+        ("default", False, False),
+        ("default", True, True),
+    ],
+)
+def test_the_search_offers_gpu_augmentations_only_to_a_cuda_trainer(
+    monkeypatch: pytest.MonkeyPatch, trainer: str, cuda: bool, on_gpu: bool
+):
+    """The augment choices the sweeper parses from the composed config: batch augmentation on
+    the device joins them where the trainer runs on CUDA (trainer=default: where CUDA is)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["hparams_search=optuna", f"trainer={trainer}"],
+            return_hydra_config=True,
+        )
+    params = cfg.hydra.sweeper.params
+    distributions, _ = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
+    choices = distributions["augment"].choices
+    gpu = {"gpu_light", "gpu_strong"} if on_gpu else set()
+    assert set(choices) == {"none", "light", "strong", *gpu}
+    assert all((CONF / "augment" / f"{choice}.yaml").is_file() for choice in choices)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(143)])
+def test_an_interrupted_trial_is_failed_and_run_again(stop: BaseException):
+    """Ctrl-C, or a job's SIGTERM (which ends the job's process in SystemExit), stops the
+    search: the trials under way are FAIL trials marked interrupted, which n_trials leaves out,
+    so the next launch runs as many again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from covidqu.runtime.sweeper import INTERRUPTED, ResumingSweeper, consecutive, counted
+
+    class Stopped:
+        def launch(self, overrides, initial_job_idx):
+            raise stop
+
+    sweeper = ResumingSweeper(
+        sampler=None,
+        direction="maximize",
+        storage=None,
+        study_name=None,
+        n_trials=3,
+        n_jobs=2,
+        max_failure_rate=0.0,
+        search_space=None,
+        custom_search_space=None,
+        params=None,
+    )
+    sweeper.launcher = Stopped()
+    study = optuna.create_study(direction="maximize")
+    study.tell(study.ask(), 0.5)
+    trials = [study.ask(), study.ask()]
+    with pytest.raises(type(stop)):
+        sweeper._launch(study, trials, [["loss=dice"], ["loss=dice"]], ["maximize"])
+    states = [(t.state, t.user_attrs.get(INTERRUPTED)) for t in study.trials]
+    assert states == [(TrialState.COMPLETE, None)] + [(TrialState.FAIL, True)] * 2
+    assert counted(study.trials) == 1
+    # a number another process took splits a launch, so that job folders follow trial numbers
+    study.ask()  # trial 3, elsewhere
+    runs = consecutive([*trials, study.ask()])
+    assert [[t.number for t in run] for run in runs] == [[1, 2], [4]]

@@ -138,6 +138,9 @@ def command(config_name: str) -> Callable[[Callable[[Any], T]], Callable[..., T]
                     raise
                 report(composition_error(err))
                 raise SystemExit(2) from None
+            except UserError as err:  # raised outside the task: by a sweeper, say
+                report(err)
+                raise SystemExit(err.exit_code) from None
             finally:
                 if asked is None:
                     os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -24,6 +24,8 @@ METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
 FAILURE_FILE = "failure.txt"
 SKIPPED_FILE = "skipped_files.txt"
+#: The Optuna study of an ``hparams_search=optuna`` sweep, in its sweep folder (SQLite).
+STUDY_FILE = "optuna.db"
 
 
 def relative(path: str | os.PathLike[str], base: Path) -> str:

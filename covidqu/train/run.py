@@ -166,8 +166,8 @@ def train(cfg: DictConfig) -> float | None:
     Returns the value of ``task.monitor`` for the best checkpoint (``None`` when it was not
     logged, e.g. in a ``fast_dev_run``). A failure writes ``failure.txt`` beside whatever
     checkpoints and logs the run left. In a sweep the failed job returns the worst possible
-    value (-inf when maximising, +inf when minimising) so that the other jobs go on and an
-    Optuna search moves away from it; the sweep's summary then reports the failure and exits
+    value (-inf when maximising, +inf when minimising) so that the other jobs go on, and an
+    Optuna search records a failed trial; the sweep's summary then reports the failure and exits
     non-zero. Outside a sweep the error is raised. SIGTERM or Ctrl-C raises
     :class:`~covidqu.errors.RunInterrupted` (in a sweep too: the whole sweep stops), after
     saving the state of that moment as ``checkpoints/last.ckpt`` when training was under way.
