@@ -32,7 +32,8 @@ from covidqu.runtime.callbacks import EMA
 from covidqu.runtime.config import print_config
 from covidqu.runtime.distributed import job_scope, use_job_command_for_ddp
 from covidqu.runtime.interrupts import StopOnSignal, interrupted
-from covidqu.runtime.loggers import CSVResume, finish_loggers, log_config
+from covidqu.runtime.loggers import CSVResume, finish_loggers, log_config, log_final
+from covidqu.runtime.tensorboard_logger import TensorBoardResume
 from covidqu.train.checks import check, check_resume
 from covidqu.train.postprocess import prepare_choice, recorded_steps, settle_choice
 from covidqu.train.synthetic import apply_synthetic_defaults
@@ -270,7 +271,7 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     # Not in the callbacks group: stopping cleanly and resuming without duplicated log rows
     # are what train() promises, whichever callbacks a config lists.
     stopper = StopOnSignal(out_dir / "checkpoints" / "last.ckpt")
-    callbacks = [*instantiate_all(cfg.get("callbacks")), stopper, CSVResume()]
+    callbacks = [*instantiate_all(cfg.get("callbacks")), stopper, CSVResume(), TensorBoardResume()]
     if cfg.get("ema", False):  # a switch and a decay a user types, not a callbacks entry
         callbacks.append(EMA(decay=cfg.ema_decay))
     loggers = instantiate_all(cfg.get("logger"))
@@ -297,6 +298,7 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
             raise stop
         metrics = _final_metrics(cfg, trainer, module, datamodule, out_dir)
         metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
+        log_final(loggers, cfg, metrics, trainer.global_step)  # TensorBoard's HPARAMS view
     finally:
         finish_loggers(loggers)
     metrics["duration_s"] = round(time.time() - started, 1)
