@@ -28,7 +28,8 @@ SYNTH_SIZE = 48
 #: ``pipeline_helpers.TINY`` and ``data.root``. Full runs (tested too), so that each serves
 #: every test that needs a checkpoint of its kind, its run folder or its figures.
 TRAINED_RUNS: dict[str, tuple[str, ...]] = {
-    "lung": ("trainer.max_epochs=2",),
+    # TensorBoard beside the CSV log: its events are tested on this run (test_tensorboard.py)
+    "lung": ("trainer.max_epochs=2", "logger=[csv,tensorboard]"),
     "infection": ("task=infection", "trainer.max_epochs=2"),
     "classify": ("task=classify", "trainer.max_epochs=1"),
     # one model that serves both stages of analyze

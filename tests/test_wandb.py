@@ -270,7 +270,7 @@ def classify_many(synth_root: Path, shared_folders: SharedFolders) -> dict[str, 
     return {"dir": run_dir, "base": base, "proc": proc, "run": read_run(offline), "path": offline}
 
 
-def test_logger_many_writes_csv_and_wandb(classify_many):
+def test_logger_many_writes_csv_wandb_and_tensorboard(classify_many):
     run_dir = classify_many["dir"]
     rows = read_csv(run_dir / "csv" / "metrics.csv")
     assert any(r.get("val/acc") for r in rows)
@@ -282,6 +282,13 @@ def test_logger_many_writes_csv_and_wandb(classify_many):
     assert "task=classify" in run["name"] and "data.root" not in run["name"]
     hparams = (run_dir / "csv" / "hparams.yaml").read_text()
     assert "classify" in hparams  # the config went to the CSV logger too
+    from test_tensorboard import events, hparams_entry  # the third logger of many
+
+    board = events(run_dir / "tensorboard")
+    assert "val/acc" in board.Tags()["scalars"]
+    assert "val/confusion_matrix/text_summary" in board.Tags()["tensors"]
+    params, shown = hparams_entry(board)
+    assert params["task/name"] == "classify" and "val/f1_macro" in shown
 
 
 def test_classification_runs_log_the_confusion_matrix(classify_many):

@@ -9,6 +9,7 @@ preprocessing from the checkpoint alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar
@@ -343,6 +344,16 @@ class CXRModule(pl.LightningModule):
         self.follow_device(self.device)
         if self.compile_net and stage == "fit":
             self.net = torch.compile(self.net)
+
+    @property
+    def lr(self) -> float | None:
+        """``optimizer.lr``: the ``lr`` of the optimizer partial, which Lightning's LR finder
+        reads and sets (``Tuner.lr_find(update_attr=True)``); ``None`` without one."""
+        return (getattr(self.optimizer_factory, "keywords", None) or {}).get("lr")
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer_factory = functools.partial(self.optimizer_factory, lr=float(value))
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:

@@ -210,7 +210,9 @@ def plan_steps(
     total = run.estimated
     fresh = StepPlan(total, run.steps_per_epoch, run.world_size, _identity(total, stretchable))
     then = None if resumed is None else resumed.total_steps
-    if then is None:  # a fresh run; or a checkpoint that predates plans: built as it was then
+    # a fresh run; a checkpoint that predates plans: built as it was then; or one saved before
+    # any step (the state the LR finder restores): nothing of its schedule has run yet
+    if then is None or resumed is None or resumed.step == 0:
         return fresh
     plan = resumed.plan or {}
     end = run.end(resumed.step, plan.get("steps_per_epoch"))

@@ -1,58 +1,64 @@
 """Lightning callbacks every training run may list (conf/callbacks/): pictures and confusion
-matrices of validation in W&B; the moving average of the weights that ``ema=true`` adds."""
+matrices of validation in W&B and TensorBoard; the moving average of the weights that
+``ema=true`` adds."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from covidqu.constants import CLASSES
 
 
-class WandbMedia(pl.Callback):
-    """Pictures of validation in Weights & Biases; a no-op without a :class:`WandbLogger`.
+class ValidationMedia(pl.Callback):
+    """Pictures of validation in an experiment tracker; a no-op without its logger.
 
     After each validation (every ``every_n_epochs`` epochs of training, and every standalone
-    ``trainer.validate``, e.g. of the best checkpoint) it logs:
+    ``trainer.validate``, e.g. of the best checkpoint) it hands the tracker:
 
-    - ``val/overlays``: the module's pictures of the first ``num_images`` images of the first
-      validation batch (:meth:`~covidqu.models.base.CXRModule.media_panels`; segmentation:
-      image | truth | prediction panels);
-    - where the module keeps a confusion matrix (classification): ``val/confusion_matrix``, a
-      table of it (rows truth, columns prediction, in :data:`~covidqu.constants.CLASSES`
-      order), and ``val/confusion_matrix_plot``, the same as a W&B confusion-matrix chart.
+    - the module's pictures of the first ``num_images`` images of the first validation batch
+      (:meth:`~covidqu.models.base.CXRModule.media_panels`; segmentation: image | truth |
+      prediction panels, as the overlays of a test run are rendered);
+    - where the module keeps a confusion matrix (classification): that of the epoch.
 
     Only rank zero does any work. Between the first batch and the end of validation it holds
-    ``num_images`` small uint8 pictures, nothing on the device.
+    ``num_images`` small uint8 pictures, nothing on the device. A subclass names its logger
+    class (:attr:`logger_type`) and writes the pictures and matrix (:meth:`publish`).
 
     Args:
         num_images: how many overlays to log (0: none).
         every_n_epochs: log after the validation of every n-th training epoch.
     """
 
+    #: The Lightning logger class the pictures go to.
+    logger_type: ClassVar[type[Logger]] = Logger
+    #: The callback's entry in ``conf/callbacks/default.yaml``, for error messages.
+    config_key: ClassVar[str] = "media"
+
     def __init__(self, num_images: int = 8, every_n_epochs: int = 1) -> None:
+        key = f"callbacks.{self.config_key}"
         if num_images < 0:
-            raise ValueError(f"callbacks.wandb_media.num_images must be >= 0, got {num_images}")
+            raise ValueError(f"{key}.num_images must be >= 0, got {num_images}")
         if every_n_epochs < 1:
-            raise ValueError(
-                f"callbacks.wandb_media.every_n_epochs must be >= 1, got {every_n_epochs}"
-            )
+            raise ValueError(f"{key}.every_n_epochs must be >= 1, got {every_n_epochs}")
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
-        self._logger: WandbLogger | None = None
+        self._logger: Logger | None = None
         self._pending: list[tuple[str, np.ndarray]] = []
 
     # -- when --------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        self._logger = next(
+            (lg for lg in trainer.loggers if isinstance(lg, self.logger_type)), None
+        )
 
     def _active(self, trainer: pl.Trainer) -> bool:
         if self._logger is None or not trainer.is_global_zero or trainer.sanity_checking:
@@ -83,25 +89,82 @@ class WandbMedia(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the module's own epoch end, so its confusion matrix is this epoch's.
         pending, self._pending = self._pending, []
-        if not self._active(trainer):
+        if not self._active(trainer) or self._logger is None:
             return
-        import wandb
-
-        media: dict[str, Any] = {}
-        if pending:
-            media["val/overlays"] = [
-                wandb.Image(np.ascontiguousarray(panel[..., ::-1]), caption=image_id)
-                for image_id, panel in pending
-            ]
         confusion = getattr(pl_module, "confusion_matrix", None)
         matrix = confusion("val") if callable(confusion) else None
-        if matrix is not None:
-            media.update(confusion_media(matrix))
-        if media and self._logger is not None:
-            self._logger.log_metrics(media, step=trainer.global_step)
+        self.publish(self._logger, trainer.global_step, pending, matrix)
+
+    def publish(
+        self, logger: Any, step: int, panels: list[tuple[str, np.ndarray]], matrix: Any
+    ) -> None:
+        """Write captioned BGR ``panels`` and the confusion ``matrix`` (or None) at ``step``."""
+        raise NotImplementedError
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._pending = []
+
+
+class WandbMedia(ValidationMedia):
+    """Validation pictures in Weights & Biases: ``val/overlays`` (captioned images) and, for
+    classification, ``val/confusion_matrix`` (a table, rows truth, columns prediction, in
+    :data:`~covidqu.constants.CLASSES` order) and ``val/confusion_matrix_plot`` (W&B's chart).
+    See :class:`ValidationMedia`."""
+
+    logger_type = WandbLogger
+    config_key = "wandb_media"
+
+    def publish(
+        self, logger: Any, step: int, panels: list[tuple[str, np.ndarray]], matrix: Any
+    ) -> None:
+        import wandb
+
+        media: dict[str, Any] = {}
+        if panels:
+            media["val/overlays"] = [
+                wandb.Image(np.ascontiguousarray(panel[..., ::-1]), caption=image_id)
+                for image_id, panel in panels
+            ]
+        if matrix is not None:
+            media.update(confusion_media(matrix))
+        if media:
+            logger.log_metrics(media, step=step)
+
+
+class TensorBoardMedia(ValidationMedia):
+    """Validation pictures in TensorBoard's IMAGES tab, one card per image,
+    ``val/overlays/<image id>`` (the same images each epoch: the step slider follows one image
+    through training), and, for classification, ``val/confusion_matrix`` as a table in the
+    TEXT tab. See :class:`ValidationMedia`."""
+
+    logger_type = TensorBoardLogger
+    config_key = "tensorboard_media"
+
+    def publish(
+        self, logger: Any, step: int, panels: list[tuple[str, np.ndarray]], matrix: Any
+    ) -> None:
+        writer = logger.experiment
+        for image_id, panel in panels:
+            rgb = np.ascontiguousarray(panel[..., ::-1])
+            writer.add_image(f"val/overlays/{image_id}", rgb, step, dataformats="HWC")
+        if matrix is not None:
+            writer.add_text("val/confusion_matrix", confusion_markdown(matrix), step)
+        writer.flush()
+
+
+def _labels(k: int, names: tuple[str, ...]) -> list[str]:
+    return list(names[:k]) if len(names) >= k else [str(i) for i in range(k)]
+
+
+def confusion_markdown(matrix: Any, names: tuple[str, ...] = CLASSES) -> str:
+    """A C x C confusion matrix as a Markdown table (rows truth, columns prediction)."""
+    counts = np.asarray(torch.as_tensor(matrix).cpu().long())
+    labels = _labels(counts.shape[0], names)
+    lines = ["| truth / prediction | " + " | ".join(labels) + " |"]
+    lines.append("|---" * (len(labels) + 1) + "|")
+    for label, row in zip(labels, counts, strict=True):
+        lines.append(f"| {label} | " + " | ".join(str(int(v)) for v in row) + " |")
+    return "\n".join(lines)
 
 
 def confusion_media(matrix: Any, names: tuple[str, ...] = CLASSES) -> dict[str, Any]:
@@ -110,7 +173,7 @@ def confusion_media(matrix: Any, names: tuple[str, ...] = CLASSES) -> dict[str, 
 
     counts = np.asarray(torch.as_tensor(matrix).cpu().long())
     k = counts.shape[0]
-    labels = list(names[:k]) if len(names) >= k else [str(i) for i in range(k)]
+    labels = _labels(k, names)
     table = wandb.Table(
         columns=["truth", *labels],
         data=[[labels[i], *(int(v) for v in counts[i])] for i in range(k)],

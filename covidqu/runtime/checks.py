@@ -201,6 +201,26 @@ RULES: tuple[Rule, ...] = (
         "module.compile=true",
         ("train",),
     ),
+    Rule(
+        "tune.num_training",
+        _int_at_least(13),
+        "an integer >= 13 (the suggestion skips the first 10 steps and the last)",
+        "tune.num_training=100",
+        ("train",),
+    ),
+    *(
+        Rule(f"tune.{k}", _positive, "a positive number", f"tune.{k}={v}", ("train",))
+        for k, v in (("min_lr", "1e-7"), ("max_lr", "1.0"))
+    ),
+    Rule("tune.mode", _one_of("exponential", "linear"), "exponential or linear", "exponential"),
+    Rule(
+        "tune.early_stop_threshold",
+        _null_or(lambda x: _number(x) and x > 1),
+        "null (never stop early) or a number > 1",
+        "tune.early_stop_threshold=4.0",
+        ("train",),
+    ),
+    Rule("tune.apply", lambda x: isinstance(x, bool), "true or false", "tune.apply=true"),
     Rule("callbacks.early_stopping.patience", _int_at_least(0), "an integer >= 0", "20"),
     Rule("batch_size", _int_at_least(1), "an integer >= 1", "batch_size=16"),
     Rule("num_workers", _int_at_least(0), "an integer >= 0", "num_workers=4"),

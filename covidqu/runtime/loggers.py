@@ -1,10 +1,12 @@
-"""Experiment loggers across a run: the config logged once, each job's W&B run ended, and a CSV
-log that a resumed run appends to (W&B itself: :mod:`covidqu.runtime.wandb_logger`).
+"""Experiment loggers across a run: the config logged once, the final figures beside it, each
+job's W&B run ended, and a CSV log that a resumed run appends to (W&B itself:
+:mod:`covidqu.runtime.wandb_logger`; TensorBoard: :mod:`covidqu.runtime.tensorboard_logger`).
 
 Hydra's basic launcher runs every job of a multirun in one process, so the training code calls
-:func:`finish_loggers` at the end of each job (the next job then starts a fresh W&B run) and
-:func:`log_config` once the trainer is built (the whole resolved config becomes the run's
-hyper-parameters, in every logger).
+:func:`finish_loggers` at the end of each job (the next job then starts a fresh W&B run and
+TensorBoard writer), :func:`log_config` once the trainer is built (the whole resolved config
+becomes the run's hyper-parameters, in every logger) and :func:`log_final` once the final
+figures are known (TensorBoard's HPARAMS view shows them beside the config).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 from pytorch_lightning.core.saving import save_hparams_to_yaml
-from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 from covidqu.files import atomic_path, atomic_text
+from covidqu.runtime.tensorboard_logger import log_final_figures
 from covidqu.runtime.wandb_logger import CXRWandbLogger
 
 log = logging.getLogger(__name__)
@@ -70,8 +73,20 @@ def log_config(loggers: Any, cfg: DictConfig | dict[str, Any]) -> None:
             log.warning("could not log the config to %s: %s", type(logger).__name__, err)
 
 
+def log_final(loggers: Any, cfg: DictConfig | dict[str, Any], metrics: Any, step: int) -> None:
+    """The config with the final figures of ``metrics`` (those of ``metrics.json``) at ``step``,
+    where a logger shows them together: TensorBoard's HPARAMS view (rank zero only)."""
+    targets = [lg for lg in _as_list(loggers) if isinstance(lg, TensorBoardLogger)]
+    if not targets:
+        return
+    params = _config_dict(cfg)
+    params.pop("hydra", None)
+    log_final_figures(targets, params, metrics, step)
+
+
 def finish_loggers(loggers: Any, failed: bool | None = None) -> None:
-    """End the W&B run of this job, so that the next job of a multirun starts a fresh one.
+    """End the W&B run of this job, so that the next job of a multirun starts a fresh one, and
+    close the TensorBoard writers (their event files complete).
 
     ``failed``: mark the run failed; ``None``: failed when an exception is being handled (as in
     a ``finally:`` block after an error). Safe to call on any rank and with any loggers.
@@ -80,6 +95,11 @@ def finish_loggers(loggers: Any, failed: bool | None = None) -> None:
         failed = sys.exc_info()[0] is not None
     exit_code = 1 if failed else 0
     for logger in _as_list(loggers):
+        if isinstance(logger, TensorBoardLogger):
+            try:
+                logger.finalize("failed" if failed else "success")
+            except Exception as err:
+                log.warning("could not close the TensorBoard writer: %s", err)
         if not isinstance(logger, WandbLogger):
             continue
         run = getattr(logger, "_experiment", None)

@@ -37,6 +37,7 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] | None = None
 
         parse_weights(weights)  # a weights file must exist
     check_transfer(cfg)
+    check_tune(cfg)
     check_resume(cfg, out_dir)
 
 
@@ -67,6 +68,47 @@ def check_transfer(cfg: DictConfig) -> None:
     from covidqu.models.transfer import check_load_decoder
 
     check_load_decoder(weights, value_at(cfg, "data.target"), value_at(cfg, "model"))
+
+
+def _device_count(devices: Any) -> int | None:
+    """How many devices ``trainer.devices`` asks for; ``None`` where only the machine tells
+    (``auto``, ``-1``): the finder checks the trainer again then."""
+    if isinstance(devices, str) and "," not in devices and devices.strip().isdigit():
+        devices = int(devices)  # Lightning reads "2" as two devices, "0," as the device 0
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return None if devices == -1 else devices
+    if isinstance(devices, str):
+        ids = [p for p in devices.split(",") if p.strip()]
+        return len(ids) if ids else None
+    return len(devices) if isinstance(devices, list | tuple) else None
+
+
+def check_tune(cfg: DictConfig) -> None:
+    """``tune=lr``: a range of rates to try, one device (Lightning's learning-rate finder does
+    not run distributed), and a run that trains steps (not ``trainer.fast_dev_run``)."""
+    if value_at(cfg, "tune.name") != "lr":
+        return
+    low, high = value_at(cfg, "tune.min_lr"), value_at(cfg, "tune.max_lr")
+    if low >= high:
+        raise ConfigError(
+            f"tune.min_lr={low} must be below tune.max_lr={high}: the finder raises the rate "
+            "from one to the other, e.g. tune.min_lr=1e-7 tune.max_lr=1.0"
+        )
+    devices = _device_count(value_at(cfg, "trainer.devices"))
+    nodes = value_at(cfg, "trainer.num_nodes")
+    if (devices or 1) > 1 or (nodes not in (MISSING, None) and nodes > 1):
+        raise ConfigError(
+            f"tune=lr runs on one device, but trainer.devices={value_at(cfg, 'trainer.devices')} "
+            f"and trainer.num_nodes={nodes}: Lightning's learning-rate finder does not support "
+            "distributed training. Find the rate with trainer.devices=1 trainer.num_nodes=1 "
+            "(e.g. trainer=single or trainer=cpu), then train on several devices with "
+            "optimizer.lr=<the suggestion> and without tune=lr"
+        )
+    if value_at(cfg, "trainer.fast_dev_run") not in (False, 0, None, MISSING):
+        raise ConfigError(
+            "tune=lr does not run with trainer.fast_dev_run (Lightning skips the finder then): "
+            "drop one of them"
+        )
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -32,10 +32,12 @@ from covidqu.runtime.callbacks import EMA
 from covidqu.runtime.config import print_config
 from covidqu.runtime.distributed import job_scope, use_job_command_for_ddp
 from covidqu.runtime.interrupts import StopOnSignal, interrupted
-from covidqu.runtime.loggers import CSVResume, finish_loggers, log_config
+from covidqu.runtime.loggers import CSVResume, finish_loggers, log_config, log_final
+from covidqu.runtime.tensorboard_logger import TensorBoardResume
 from covidqu.train.checks import check, check_resume
 from covidqu.train.postprocess import prepare_choice, recorded_steps, settle_choice
 from covidqu.train.synthetic import apply_synthetic_defaults
+from covidqu.train.tune import find_lr
 
 log = logging.getLogger(__name__)
 
@@ -270,18 +272,21 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
     # Not in the callbacks group: stopping cleanly and resuming without duplicated log rows
     # are what train() promises, whichever callbacks a config lists.
     stopper = StopOnSignal(out_dir / "checkpoints" / "last.ckpt")
-    callbacks = [*instantiate_all(cfg.get("callbacks")), stopper, CSVResume()]
+    callbacks = [*instantiate_all(cfg.get("callbacks")), stopper, CSVResume(), TensorBoardResume()]
     if cfg.get("ema", False):  # a switch and a decay a user types, not a callbacks entry
         callbacks.append(EMA(decay=cfg.ema_decay))
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    log_config(loggers, cfg)
     resume = resume_path(cfg, out_dir)
     fix = RESAVE_CHECKPOINT
     if resume and not cfg.get("ckpt_path"):
         fix += " Or set auto_resume=false to train afresh instead of resuming from it."
     try:
+        found = find_lr(cfg, trainer, module, datamodule, out_dir, resume)  # tune=lr, else None
+        if found is not None and found.stop:  # tune.apply=false: the suggestion is the result
+            return None
+        log_config(loggers, cfg)  # after the finder: with the learning rate it set
         try:
             # Lightning reads the checkpoint it resumes from with torch.load(weights_only=True)
             # when asked: a file that would unpickle other objects is refused, never run.
@@ -297,6 +302,9 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
             raise stop
         metrics = _final_metrics(cfg, trainer, module, datamodule, out_dir)
         metrics.update(outputs.skipped_files(datamodule, out_dir))  # data.on_bad_file=skip
+        if found is not None:
+            metrics["tuned_lr"] = found.lr
+        log_final(loggers, cfg, metrics, trainer.global_step)  # TensorBoard's HPARAMS view
     finally:
         finish_loggers(loggers)
     metrics["duration_s"] = round(time.time() - started, 1)
