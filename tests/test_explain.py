@@ -143,11 +143,11 @@ def test_channels_last_and_a_compiled_network_give_the_same_map(trained_run, inp
 
 @pytest.mark.parametrize("command", ["predict", "eval"])
 def test_a_segmentation_checkpoint_is_refused_up_front(
-    trained_run, synth_root: Path, tmp_path: Path, command: str
+    trained_run, inputs: Path, tmp_path: Path, command: str
 ):
     args = [f"ckpt_path={ckpt(trained_run, 'lung')}", "explain=gradcam"]
     if command == "predict":
-        args += [f"input={synth_root}", f"output={tmp_path / 'out'}"]
+        args += [f"input={inputs}", f"output={tmp_path / 'out'}"]
     cfg = compose_config(command, args, tmp_path / "run")
     with pytest.raises(ConfigError) as err:
         preflight(cfg, command, tmp_path / "run", [])
@@ -158,12 +158,10 @@ def test_a_segmentation_checkpoint_is_refused_up_front(
 
 
 @pytest.mark.parametrize("command", ["predict", "eval"])
-def test_a_bad_explain_value_is_refused(
-    trained_run, synth_root: Path, inputs: Path, tmp_path: Path, command: str
-):
+def test_a_bad_explain_value_is_refused(trained_run, inputs: Path, tmp_path: Path, command: str):
     args = [f"ckpt_path={ckpt(trained_run, 'classify')}", "explain=gradcm"]
     if command == "predict":
-        args += [f"input={synth_root}", f"output={tmp_path / 'out'}"]
+        args += [f"input={inputs}", f"output={tmp_path / 'out'}"]
     cfg = compose_config(command, args, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"explain='gradcm': must be none or gradcam"):
         preflight(cfg, command, tmp_path / "run", [])

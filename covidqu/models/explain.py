@@ -39,7 +39,7 @@ def check_explain_mode(value: Any) -> str:
         raise ConfigError(
             f"explain={value!r} is not one of {', '.join(EXPLAIN_MODES)}: explain=gradcam "
             "writes a Grad-CAM heatmap of the predicted class beside each image; explain=none "
-            "(the default) none"
+            "(the default) writes none"
         )
     return value
 
