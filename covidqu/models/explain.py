@@ -80,13 +80,21 @@ def _stage_maps(net: nn.Module, x: Tensor, outputs: dict[str, Any]) -> list[Any]
         return list(net.encoder(x))
     if callable(getattr(net, "forward_features", None)):  # timm: its stages, then the features
         final = net.forward_features(x)
-        stages = [info.get("module") for info in getattr(net, "feature_info", None) or []]
-        return [outputs[name] for name in stages if name in outputs] + [final]
+        # timm says how many channels each stage has: a map whose dim 1 is not that count is
+        # channels-last (B x H x W x C, as a Swin transformer's), which Grad-CAM cannot weigh
+        infos = getattr(net, "feature_info", None) or []
+        found = [(outputs.get(i.get("module")), i.get("num_chs")) for i in infos]
+        stages = [out for out, channels in found if _channels_first(out, channels)]
+        return [*stages, final if _channels_first(final, net.num_features) else None]
     raise ConfigError(
         f"explain=gradcam finds the layer to explain in segmentation-models-pytorch and timm "
         f"networks, and this checkpoint's network is a {type(net).__name__}: drop "
         "explain=gradcam"
     )
+
+
+def _channels_first(x: Any, channels: int | None) -> bool:
+    return isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == channels
 
 
 def find_target_layer(net: nn.Module, x: Tensor) -> tuple[str, nn.Module]:
@@ -114,12 +122,11 @@ def find_target_layer(net: nn.Module, x: Tensor) -> tuple[str, nn.Module]:
             handle.remove()
     last = maps[-1] if maps else None
     if not (isinstance(last, Tensor) and last.dim() == 4):
-        shape = tuple(last.shape) if isinstance(last, Tensor) else type(last).__name__
         raise ConfigError(
-            f"explain=gradcam explains a convolutional feature map, and this network's class "
-            f"head reads features of shape {shape} (a vision transformer's tokens): drop "
-            "explain=gradcam, or explain a convolutional network (e.g. model=classifier "
-            "encoder=resnet34)"
+            "explain=gradcam explains a convolutional feature map (B x C x H x W), and this "
+            "network's class head reads other features (a vision transformer's tokens, or "
+            "channels-last maps): drop explain=gradcam, or explain a convolutional network "
+            "(e.g. model=classifier encoder=resnet34)"
         )
     wide = [m for m in maps if isinstance(m, Tensor) and m.dim() == 4 and m.shape[-2:].numel() > 1]
     if not wide:
