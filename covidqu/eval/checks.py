@@ -1,5 +1,6 @@
 """What ``eval`` checks before it loads a model: its values, the checkpoint(s) it names, that
-``calibrate=true`` can apply to them, the output folder, and the split in the data tree."""
+``calibrate=true`` and ``explain=gradcam`` can apply to them, the output folder, and the split
+in the data tree."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] = ()) -> None
         from covidqu.eval.calibrate import check_calibrate
 
         check_calibrate(cfg.ckpt_path)
+    from covidqu.models.checkpoint import module_class
+    from covidqu.models.explain import check_explain
+
+    task = (recipe.get("task") or {}).get("name")
+    check_explain(cfg.get("explain", "none"), cfg.ckpt_path, module_class(recipe), task)
     check_output_dir(out_dir, "hydra.run.dir")
     from covidqu.eval.split import datamodule_for
 

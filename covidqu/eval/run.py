@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidqu.eval.calibrate import calibrate, check_calibrate, device_of
 from covidqu.eval.checks import USAGE
+from covidqu.eval.explain import GradCamWriter
 from covidqu.eval.split import SplitAsTest, datamodule_for
 from covidqu.models.checkpoint import preprocessing
 from covidqu.models.ensemble import (
@@ -17,6 +18,7 @@ from covidqu.models.ensemble import (
     load_model,
     temperatures,
 )
+from covidqu.models.explain import check_explain, check_explain_mode, gradcam_for
 from covidqu.models.postprocess import apply_config, post_figures
 from covidqu.models.tta import check_tta
 from covidqu.runtime import outputs
@@ -32,10 +34,11 @@ RELIABILITY_FILE = "reliability.png"
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Score ``cfg.ckpt_path`` on ``cfg.split``; write metrics.json, per_image.csv, overlays.
+    """Score ``cfg.ckpt_path`` on ``cfg.split``; write metrics.json, per_image.csv, overlays
+    (and with ``explain=gradcam``, a heatmap per image: :mod:`covidqu.eval.explain`).
 
-    On several processes (``trainer=ddp_cpu``) each evaluates its shard of the split; the
-    figures and rows are those of one process, written once, by the first.
+        On several processes (``trainer=ddp_cpu``) each evaluates its shard of the split; the
+        figures and rows are those of one process, written once, by the first.
     """
     refuse_empty_lists(cfg, "ckpt_path")
     require(cfg, ["ckpt_path"], USAGE)
@@ -43,6 +46,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if split not in SPLITS:
         raise ValueError(f"split={split} is not one of {SPLITS}")
     check_tta(cfg.get("tta", "none"))
+    check_explain_mode(cfg.get("explain", "none"))
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with job_scope():
@@ -56,6 +60,9 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     module = load_model(cfg.ckpt_path)
     apply_config(module, OmegaConf.to_container(cfg.postprocess) if "postprocess" in cfg else None)
     pre = preprocessing(module)
+    explain = cfg.get("explain", "none")
+    check_explain(explain, cfg.ckpt_path, type(module), module.recipe.get("task", {}).get("name"))
+    gradcam = gradcam_for(module, explain, pre)  # refused here, before the split is read
     datamodule = datamodule_for(
         pre,
         cfg.data.get("root"),
@@ -76,7 +83,8 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     datamodule.setup({"test": "test", "val": "validate", "train": "fit"}[split])
     module.keep_overlays = int(cfg.get("num_overlays", 0))
 
-    trainer = evaluation_trainer(cfg.trainer)
+    callbacks = [GradCamWriter(gradcam, out_dir)] if gradcam is not None else []
+    trainer = evaluation_trainer(cfg.trainer, callbacks=callbacks)
     results = trainer.test(module, datamodule=SplitAsTest(datamodule, split), verbose=False)
     figures = outputs.clean_figures(results[0] if results else {})
     metrics: dict[str, Any] = {f"{split}/{k.split('/', 1)[1]}": v for k, v in figures.items()}
@@ -84,6 +92,7 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     metrics.update(describe(cfg.ckpt_path))
     metrics["split"] = split
     metrics["tta"] = tta
+    metrics["explain"] = explain
     metrics["temperature"] = temperatures(module)
     metrics.update(fitted)
     if hasattr(module, "postprocess"):  # the figures of the masks as post-processed, beside

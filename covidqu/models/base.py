@@ -65,6 +65,9 @@ class CXRModule(pl.LightningModule):
     #: Whether the network also gives each image's class probabilities beside its pixel ones
     #: (a classification head): ``analyze detect.score=classifier|mean`` needs them.
     class_head: ClassVar[bool] = False
+    #: Why ``explain=gradcam`` (``predict``, ``eval``) cannot explain this task's prediction;
+    #: ``None`` where it can (a class head: :meth:`class_scores`).
+    explain_refusal: ClassVar[str | None] = "it predicts masks, not a class: it has no class head"
 
     def __init__(
         self,
@@ -293,6 +296,12 @@ class CXRModule(pl.LightningModule):
         """What ``predict`` writes for one input image (2-D uint8, at its own size) given the
         network's probabilities for it: the row's columns, and pictures by file suffix."""
         raise NotImplementedError
+
+    def class_scores(self, outputs: Any) -> Tensor:
+        """The class head's part, ``B x classes``, of the network's outputs or of their
+        probabilities (what ``explain=gradcam`` explains); only where :attr:`explain_refusal`
+        is ``None``."""
+        raise NotImplementedError(f"{type(self).__name__}: {self.explain_refusal}")
 
     def export_output(self, height: int, width: int) -> dict[str, Any]:
         """What the exported network's one output is, for the metadata inside the file: its

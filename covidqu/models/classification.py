@@ -51,6 +51,10 @@ class ClassificationModule(CXRModule):
 
     target_key = "label"
     calibration_refusal = None  # one tensor of class logits: a temperature fits them
+    explain_refusal = None  # its one output is the class head's
+
+    def class_scores(self, outputs: Tensor) -> Tensor:
+        return outputs
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -130,6 +130,7 @@ class MultitaskModule(SegmentationModule):
     class_head = True
     # its temperature would have to reach the class half of a pair of outputs everywhere
     calibration_refusal = "its class head is not calibrated yet"
+    explain_refusal = None  # its class head: the second of its outputs
     # two outputs need a second output name and metadata of their own, which the export
     # formats here do not describe yet; its masks alone come from a task=infection checkpoint
     export_refusal = (
@@ -148,6 +149,9 @@ class MultitaskModule(SegmentationModule):
 
     def mask_logits(self, outputs: tuple[Tensor, Tensor]) -> Tensor:
         return outputs[0]
+
+    def class_scores(self, outputs: tuple[Tensor, Tensor]) -> Tensor:
+        return outputs[1]
 
     def probabilities(self, logits: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return tuple(CXRModule.probabilities(self, part) for part in logits)

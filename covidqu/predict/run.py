@@ -5,8 +5,11 @@ to 8-bit gray, resized and normalised exactly as the checkpoint was trained, and
 is written for each image is the module's to say (:meth:`~covidqu.models.base.CXRModule.
 predict_outputs`): segmentation writes ``<name>_mask.png`` at the input's own size (binary:
 0 / 255; background / lung / infection: 0 / 128 / 255) and ``<name>_overlay.png``;
-classification writes an overlay captioned with the class. ``predictions.csv`` has one row per
-input, unreadable ones included with their error.
+classification writes an overlay captioned with the class. ``explain=gradcam`` (a model with
+a class head) adds ``<name>_gradcam.png``, the Grad-CAM heatmap of the predicted class over the
+image at its own size, and the class it explains in the ``explained`` column
+(:mod:`covidqu.models.explain`). ``predictions.csv`` has one row per input, unreadable ones
+included with their error.
 """
 
 from __future__ import annotations
@@ -22,12 +25,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from covidqu.constants import CLASSES
 from covidqu.data.badfiles import BadFile
 from covidqu.data.layout import DataError
 from covidqu.data.loading import worker_init
 from covidqu.data.transforms import build_transform
 from covidqu.models.checkpoint import preprocessing
 from covidqu.models.ensemble import load_model
+from covidqu.models.explain import (
+    check_explain,
+    check_explain_mode,
+    explained_classes,
+    gradcam_for,
+    overlay,
+)
 from covidqu.models.postprocess import apply_config
 from covidqu.models.tta import check_tta
 from covidqu.predict.checks import check_required
@@ -109,6 +120,7 @@ def predict(
     progress_bar: bool = True,
     tta: str = "none",
     postprocess: Mapping[str, Any] | None = None,
+    explain: str = "none",
 ) -> list[dict[str, Any]]:
     """Predict every image at ``inputs`` into ``output``; return the rows of predictions.csv.
     ``ckpt_path`` may list several checkpoints: their ensemble (:mod:`covidqu.models.ensemble`).
@@ -120,11 +132,15 @@ def predict(
     augmentation (:mod:`covidqu.models.tta`); each row of predictions.csv names it, so the file
     says how its masks were made without the run's log. ``postprocess``: the ``postprocess``
     config (default: what the checkpoint records, :mod:`covidqu.models.postprocess`).
+    ``explain``: ``none`` or ``gradcam`` (the module docstring).
     """
     check_tta(tta)
+    check_explain_mode(explain)
     files = find_inputs(inputs, recursive=recursive)
     device = resolve_device(device)
     module = load_model(ckpt_path, map_location=device)
+    check_explain(explain, ckpt_path, type(module), module.recipe.get("task", {}).get("name"))
+    gradcam = gradcam_for(module, explain, preprocessing(module))  # refused before any file
     module.tta = tta
     apply_config(module, postprocess)
     steps = getattr(module, "postprocess", None)
@@ -155,10 +171,17 @@ def predict(
             if x is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 x = x.to(device, non_blocking=True)
-                probs = per_image(as_numpy(module.predict_probabilities(x)))
-                for i, image, p in zip(indices, images, probs, strict=True):
+                batch = module.predict_probabilities(x)
+                probs = per_image(as_numpy(batch))
+                if gradcam is not None:
+                    explained = explained_classes(module, batch)
+                    heatmaps = gradcam(x, explained)
+                for j, (i, image, p) in enumerate(zip(indices, images, probs, strict=True)):
                     f = files[i]
                     fields, pictures = module.predict_outputs(image, p)
+                    if gradcam is not None:
+                        fields["explained"] = CLASSES[explained[j]]
+                        pictures["gradcam"] = overlay(image, heatmaps[j])
                     for suffix, picture in pictures.items():
                         outputs.write_png(out / f"{names[f]}_{suffix}.png", picture)
                     rows.append({"file": str(f), "status": "ok", **fields, "tta": tta})
@@ -197,4 +220,5 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         progress_bar=cfg["progress_bar"],
         tta=cfg.get("tta", "none"),
         postprocess=cfg.get("postprocess"),
+        explain=cfg.get("explain", "none"),
     )

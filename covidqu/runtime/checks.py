@@ -235,6 +235,13 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("tta", _one_of(*TTA_MODES), "none, flip or flip_scale", "tta=flip"),
     Rule(
+        "explain",
+        _one_of("none", "gradcam"),
+        "none or gradcam (a Grad-CAM heatmap of the predicted class beside each image)",
+        "explain=gradcam",
+        ("eval", "predict"),
+    ),
+    Rule(
         "detect.score",
         _one_of("mask", "classifier", "mean"),
         "mask, classifier or mean",
