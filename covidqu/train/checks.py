@@ -162,8 +162,16 @@ class Resume:
 
 def _loaded(path: Path, why: str) -> Resume:
     from covidqu.models.checkpoint import read_checkpoint
+    from covidqu.runtime.checkpoint_io import holds_training_state
 
     ckpt = read_checkpoint(path, key=why)
+    if not holds_training_state(ckpt):  # best.ckpt: the weights, without the optimizer state
+        raise CheckpointError(
+            f"{why}={path} holds the weights only, without the optimizer and scheduler state a "
+            "resume needs (best.ckpt keeps none): resume from the run's checkpoints/last.ckpt, "
+            "or start a new run from these weights with encoder.weights="
+            f"{path} encoder.load_decoder=true"
+        )
     return Resume(path, why, ckpt.get("epoch"), ckpt.get("global_step"), [], ckpt["covidqu"])
 
 
