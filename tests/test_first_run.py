@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from covidqu.errors import CheckpointError, ConfigError
@@ -47,14 +48,14 @@ class _Tiny(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(bar: pl.Callback, epochs: int = 2) -> tuple[pl.Trainer, _Tiny]:
+def _fit(bar: pl.Callback, epochs: int = 2, *more: pl.Callback) -> tuple[pl.Trainer, _Tiny]:
     data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=2)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        callbacks=[bar],
+        callbacks=[bar, *more],
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(more),
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
@@ -63,14 +64,16 @@ def _fit(bar: pl.Callback, epochs: int = 2) -> tuple[pl.Trainer, _Tiny]:
     return trainer, model
 
 
-def test_log_lines_say_epoch_loss_and_monitor_at_a_steady_pace(caplog):
+def test_log_lines_say_epoch_loss_and_monitor_at_a_steady_pace(caplog, tmp_path):
     caplog.set_level(logging.INFO, logger="covidqu.runtime.progress")
-    _fit(LogLines(monitor="val/dice", every_s=None, every_n_steps=2))
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/dice", mode="max")
+    _fit(LogLines(monitor="val/dice", every_s=None, every_n_steps=2), 2, best)
     lines = [r.getMessage() for r in caplog.records if r.name == "covidqu.runtime.progress"]
     ends = [line for line in lines if " done" in line]
     assert len(ends) == 2  # one line per epoch end
     assert ends[0].startswith("epoch 1/2 done, train/loss ")
-    assert "val/dice 0.25" in ends[0] and "val/dice 0.75" in ends[1]
+    assert "val/dice 0.25 (best" not in ends[0] or "(best 0.25)" in ends[0]
+    assert "val/dice 0.75 (best 0.75)" in ends[1]  # this epoch's value, the best so far
     assert all("elapsed 0:00:" in line for line in lines)
     steps = [line for line in lines if ", step " in line]
     assert [s.split(",")[1].strip() for s in steps[:2]] == ["step 2/4", "step 4/4"]

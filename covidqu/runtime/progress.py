@@ -108,11 +108,17 @@ class LogLines(ProgressBar):
         last = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
         return f"epoch {trainer.current_epoch + 1}/{last}"
 
-    def _best(self, trainer: pl.Trainer) -> str:
+    def _best(self, trainer: pl.Trainer, value: float) -> str:
+        # The checkpoint callback records this epoch's score after this line is written (it
+        # runs last): the best so far is its record or this epoch's value, by its mode.
         for callback in trainer.checkpoint_callbacks:
+            if getattr(callback, "monitor", None) != self.monitor:
+                continue
             score = getattr(callback, "best_model_score", None)
-            if getattr(callback, "monitor", None) == self.monitor and score is not None:
-                return f" (best {_figure(score)})"
+            if score is None:
+                return ""
+            pick = max if getattr(callback, "mode", "min") == "max" else min
+            return f" (best {_figure(pick(float(score), value))})"
         return ""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -139,7 +145,8 @@ class LogLines(ProgressBar):
         if loss is not None:
             parts.append(f"train/loss {_figure(loss)}")
         if self.monitor in metrics:
-            parts.append(f"{self.monitor} {_figure(metrics[self.monitor])}{self._best(trainer)}")
+            value = float(metrics[self.monitor])
+            parts.append(f"{self.monitor} {_figure(value)}{self._best(trainer, value)}")
         self._say(", ".join(parts))
 
     def _evaluating(self, trainer: pl.Trainer, i: int, stage: str, loader: int) -> None:
