@@ -216,6 +216,9 @@ def test_notices_a_user_cannot_act_on_are_silenced_and_others_kept(caplog):
             UserWarning,
             stacklevel=1,
         )
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1
+        )
         warnings.warn("some other warning", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["some other warning"]
     caplog.set_level(logging.INFO)
