@@ -128,9 +128,10 @@ def module_tmp(
 ) -> Iterator[Callable[[str], Path]]:
     """``mktemp`` for the runs a module's tests share, removed once they have all passed.
 
-    A tiny run still keeps two checkpoints of about 170 MB (weights and optimiser state), so a
-    whole suite's would fill a small disk. Function-level folders go the same way through
-    ``tmp_path_retention_policy``; a module with a failure keeps its folders for inspection.
+    A tiny run still keeps two checkpoints (last.ckpt about 170 MB with the optimiser state,
+    best.ckpt a third of that), so a whole suite's would fill a small disk. Function-level
+    folders go the same way through ``tmp_path_retention_policy``; a module with a failure
+    keeps its folders for inspection.
     """
     made: list[Path] = []
     failed_before = request.session.testsfailed

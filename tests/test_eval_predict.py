@@ -60,6 +60,11 @@ def test_eval_writes_metrics_per_image_rows_and_overlays(lung_run: Path, synth_r
     trained = read_metrics(lung_run)
     assert metrics["test/dice"] == pytest.approx(trained["test/dice"], abs=1e-5)
     assert metrics["images"] == 9 and metrics["split"] == "test"
+    # the headline figures are printed, then the folder that holds them all
+    said = proc.stdout + proc.stderr
+    assert f"test/dice {metrics['test/dice']:.4f}" in said
+    assert f"test/iou {metrics['test/iou']:.4f}" in said
+    assert said.index("test/dice ") < said.index(f"outputs in {out}")
     rows = read_csv(out / "per_image.csv")
     assert len(rows) == 9
     assert {r["class"] for r in rows} == {"COVID-19", "Non-COVID", "Normal"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,28 +161,33 @@ def run_copy(trained_run, tmp_path) -> Path:
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_a_damaged_last_checkpoint_resumes_from_the_newest_that_loads(run_copy, synth_root, damage):
-    last, best = run_copy / "checkpoints" / "last.ckpt", run_copy / "checkpoints" / "best.ckpt"
+    ckpts = run_copy / "checkpoints"
+    last, best = ckpts / "last.ckpt", ckpts / "best.ckpt"
+    earlier = ckpts / "epoch0.ckpt"  # a per-epoch checkpoint: the whole training state
+    shutil.copyfile(last, earlier)
     data = last.read_bytes()
     last.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
     damaged = last.read_bytes()
     cfg = compose_config("train", [*TINY, f"data.root={synth_root}"], run_copy)
     found = check_resume(cfg, run_copy)
-    assert found.path == best
-    assert found.step == read_checkpoint(best)["global_step"]
+    assert found.path == earlier
+    assert found.step == read_checkpoint(earlier)["global_step"]
     line = found.describe()
-    assert str(best) in line and "last.ckpt" in line
+    assert str(earlier) in line and "last.ckpt" in line
     assert ("the file is empty (0 bytes)" if damage == "empty" else "truncated") in line
+    assert f"{best} holds the weights only" in line  # best.ckpt cannot resume training
     assert last.read_bytes() == damaged  # passed over, never deleted or rewritten
 
 
 def test_the_newest_loadable_checkpoint_wins_by_step(run_copy, synth_root):
     ckpts = run_copy / "checkpoints"
+    newer = read_checkpoint(ckpts / "last.ckpt")
+    torch.save(newer, ckpts / "epoch1.ckpt")
+    newer["global_step"] = 1
+    torch.save(newer, ckpts / "epoch0.ckpt")
     (ckpts / "last.ckpt").write_bytes(b"")
-    older = read_checkpoint(ckpts / "best.ckpt")
-    older["global_step"] = 1
-    torch.save(older, ckpts / "epoch0.ckpt")
     cfg = compose_config("train", [*TINY, f"data.root={synth_root}"], run_copy)
-    assert check_resume(cfg, run_copy).path == ckpts / "best.ckpt"  # a higher step than 1
+    assert check_resume(cfg, run_copy).path == ckpts / "epoch1.ckpt"  # a higher step than 1
 
 
 def test_no_checkpoint_that_loads_is_refused_naming_each_with_its_reason(run_copy, synth_root):
@@ -253,11 +259,14 @@ def resize(mount: Path, size: int) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
 
 
-def test_a_disk_with_room_for_one_checkpoint_keeps_it_and_the_run_resumes(
+def test_a_disk_with_room_for_one_rewrite_less_keeps_both_and_the_run_resumes(
     small_disk, trained_run, synth_root, tmp_path
 ):
-    checkpoint = (trained_run("lung") / "checkpoints" / "best.ckpt").stat().st_size
-    resize(small_disk, int(checkpoint * 1.6) + 8 * 2**20)  # one checkpoint and the logs, not two
+    ckpts = trained_run("lung") / "checkpoints"
+    best, last = ((ckpts / name).stat().st_size for name in ("best.ckpt", "last.ckpt"))
+    # room for best.ckpt, last.ckpt, a new best.ckpt beside the old one and the logs, but not
+    # for a new last.ckpt beside the old one: the second epoch cannot save its state
+    resize(small_disk, best + int(last * 1.5) + 8 * 2**20)
     run = small_disk / "run"
     record = tmp_path / "saved.txt"
     args = [*TINY, f"data.root={synth_root}", "trainer.max_epochs=3", f"hydra.run.dir={run}"]
@@ -268,18 +277,18 @@ def test_a_disk_with_room_for_one_checkpoint_keeps_it_and_the_run_resumes(
     (line,) = [ln for ln in out.splitlines() if ln.startswith("error: ")]
     assert "no space left on the device writing" in line and "last.ckpt" in line, line
     assert "needs about" in line and "MB free" in line and "hydra.run.dir" in line, line
-    assert "best.ckpt (" in line, line  # the checkpoint kept, named
+    assert "best.ckpt (" in line and "last.ckpt (" in line, line  # the checkpoints kept, named
     ckpts = run / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt"]  # no partial last.ckpt
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]  # no partial
     saved = dict(ln.split() for ln in record.read_text().splitlines())
-    assert sha256(ckpts / "best.ckpt") == saved["best.ckpt"]  # byte for byte as written
-    assert read_checkpoint(ckpts / "best.ckpt")["epoch"] == 0
+    assert sha256(ckpts / "last.ckpt") == saved["last.ckpt"]  # byte for byte as written
+    assert read_checkpoint(ckpts / "last.ckpt")["epoch"] == 0
 
-    resize(small_disk, 8 * checkpoint + 64 * 2**20)  # space was freed: the same command
+    resize(small_disk, 8 * last + 64 * 2**20)  # space was freed: the same command
     proc = train_process(args, {"RECORD": str(record)})
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    assert f"resuming from {ckpts / 'best.ckpt'} (epoch 0" in out, out[-3000:]
+    assert f"resuming from {ckpts / 'last.ckpt'} (epoch 0" in out, out[-3000:]
     assert read_metrics(run)["epochs"] == 3  # all three, as an uninterrupted run records
     assert read_checkpoint(ckpts / "last.ckpt")["epoch"] == 2
 

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidqu.analyze.checks import USAGE, check_detect_score
 from covidqu.analyze.stages import TwoStages, load_stages, run_stages, split_samples
+from covidqu.data.loading import loader_workers
 from covidqu.errors import ConfigError
 from covidqu.models.postprocess import apply_config
 from covidqu.models.tta import check_tta
@@ -142,7 +143,7 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output or cfg.paths.output_dir).expanduser()  # made once the models fit
     out.mkdir(parents=True, exist_ok=True)
     fixed = cfg.detect.get("threshold")
-    batch_size, workers = int(cfg.batch_size), int(cfg.data.get("num_workers") or 0)
+    batch_size, workers = int(cfg.batch_size), loader_workers(cfg.data.get("num_workers") or 0)
 
     if cfg.get("input"):
         threshold = float(cfg.detect.default_threshold if fixed is None else fixed)

@@ -49,6 +49,7 @@ from covidqu.data.loading import (
     distributed_rank,
     distributed_world,
     eval_sampler,
+    loader_workers,
     trains_on_cuda,
     worker_init,
 )
@@ -72,7 +73,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
             ``None`` takes the subset's own (``lung`` / ``infection``).
         image_size: side (or ``[height, width]``) every split is resized to.
         batch_size: samples per batch *per device*; evaluation uses ``eval_batch_size`` if set.
-        num_workers: DataLoader worker processes per device.
+        num_workers: DataLoader worker processes per device, or ``auto`` (:func:`loader_workers`).
         pin_memory: page-locked host batches for faster GPU copies (ignored without CUDA).
         persistent_workers: keep workers alive between epochs (when ``num_workers > 0``).
         balanced_sampler: draw training samples with equal probability per class (with
@@ -124,7 +125,7 @@ class COVIDQUDataModule(pl.LightningDataModule):
         image_size: int | Sequence[int] = 256,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
-        num_workers: int = 4,
+        num_workers: int | str = "auto",
         pin_memory: bool = True,
         persistent_workers: bool = True,
         balanced_sampler: bool = False,
@@ -155,8 +156,8 @@ class COVIDQUDataModule(pl.LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.workers_setting = num_workers  # auto: counted again per device in setup()
+        num_workers = loader_workers(num_workers)
         if augment and device_augment is not None:
             raise ConfigError(
                 "augment.train and augment.device are both set: every training batch would be "
@@ -279,6 +280,8 @@ class COVIDQUDataModule(pl.LightningDataModule):
             "test": ("test",),
             "predict": ("test",),
         }.get(stage or "", SPLITS)
+        if self.workers_setting == "auto" and self.trainer is not None:
+            self.num_workers = loader_workers("auto", self.trainer.num_devices)
         self._open_cache()
         for split in needed:
             if split not in self.datasets:

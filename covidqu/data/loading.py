@@ -23,6 +23,23 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from covidqu.errors import DataError
 
+#: ``data.num_workers=auto`` gives at most this many loader processes per device.
+AUTO_WORKERS_MAX = 4
+
+
+def loader_workers(setting: int | str, processes: int = 1) -> int:
+    """The loader processes of ``data.num_workers``: a number as given; ``auto``: at most
+    :data:`AUTO_WORKERS_MAX`, and no more than the cores this process may use leave, a core
+    kept for each training process (Lightning's own suggestion, which counts the usable
+    cores with ``os.sched_getaffinity``, and whose warning it then never triggers)."""
+    from lightning_fabric.utilities.data import suggested_max_num_workers
+
+    if setting == "auto":
+        return min(AUTO_WORKERS_MAX, suggested_max_num_workers(max(int(processes), 1)))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ValueError(f"data.num_workers must be auto or an integer >= 0, got {setting!r}")
+    return setting
+
 
 class EpochSampler(DistributedSampler):
     """The training order of one process: a permutation (or a class-balanced draw) per epoch.

@@ -110,6 +110,8 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
             *reliability, out_dir / RELIABILITY_FILE, title=f"{split} split, tta={tta}"
         )
     if trainer.is_global_zero:
+        for line in outputs.headline(metrics):  # the figures first, then where they all are
+            log.info("%s", line)
         log.info(
             "evaluated %d %s images (tta=%s); outputs in %s",
             len(module.test_records),

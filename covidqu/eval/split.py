@@ -14,7 +14,7 @@ def datamodule_for(
     recipe_pre: dict[str, Any],
     root: str | os.PathLike[str] | None,
     batch_size: int = 32,
-    num_workers: int = 4,
+    num_workers: int | str = "auto",
     limit_per_class: Any = None,
     on_bad_file: str = "error",
     cache: str = "none",

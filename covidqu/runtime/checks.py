@@ -128,7 +128,12 @@ RULES: tuple[Rule, ...] = (
     Rule("optimizer.momentum", _non_negative, "a number >= 0", "optimizer.momentum=0.9"),
     Rule("data.batch_size", _int_at_least(1), "an integer >= 1", "data.batch_size=16"),
     Rule("data.eval_batch_size", _null_or(_int_at_least(1)), "null or an integer >= 1", "null"),
-    Rule("data.num_workers", _int_at_least(0), "an integer >= 0", "data.num_workers=4"),
+    Rule(
+        "data.num_workers",
+        lambda x: x == "auto" or _int_at_least(0)(x),
+        "auto or an integer >= 0",
+        "data.num_workers=4",
+    ),
     Rule(
         "data.image_size",
         _image_size,
@@ -173,6 +178,13 @@ RULES: tuple[Rule, ...] = (
         for s in ("train", "val", "test")
     ),
     Rule("ema", lambda x: isinstance(x, bool), "true or false", "ema=true", ("train",)),
+    Rule(
+        "print_config",
+        lambda x: isinstance(x, bool),
+        "true or false",
+        "print_config=true",
+        ("train",),
+    ),
     Rule(
         "ema_decay",
         lambda x: _number(x) and 0 < x < 1,

@@ -27,6 +27,7 @@ from hydra.errors import (
 )
 
 from covidqu.errors import ConfigError, UserError
+from covidqu.runtime.quiet import quiet_third_party
 
 log = logging.getLogger("covidqu")
 
@@ -129,6 +130,7 @@ def command(config_name: str) -> Callable[[Callable[[Any], T]], Callable[..., T]
 
         @functools.wraps(task)
         def main(*args: Any, **kwargs: Any) -> T:
+            quiet_third_party()  # notices a user cannot act on (runtime/quiet.py)
             asked = os.environ.get("HYDRA_FULL_ERROR")
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 
 def split_override(item: str) -> tuple[str, str]:
@@ -27,8 +31,12 @@ def user_override_keys(overrides: Iterable[str] | None = None) -> set[str]:
 
 
 @rank_zero_only
-def print_config(cfg: DictConfig) -> None:
-    """Print the resolved config once, at the start of a run."""
+def print_config(cfg: DictConfig, saved: Path | None = None) -> None:
+    """Say where the resolved config was written (``saved``), in one line; print it all
+    where ``print_config=true`` (or where it was not written)."""
+    if saved is not None and not cfg.get("print_config", False):
+        log.info("config: %s (print_config=true prints it here)", saved)
+        return
     from rich.console import Console
     from rich.syntax import Syntax
 

@@ -48,6 +48,23 @@ def clean_figures(figures: Mapping[str, Any]) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
+def headline(metrics: Mapping[str, Any], width: int = 96) -> list[str]:
+    """The figures of ``metrics`` (``<stage>/<name>`` numbers) as a few lines of
+    ``name value`` pairs, for the terminal; ``metrics.json`` has them all."""
+    pairs = [
+        f"{key} {value:.4f}"
+        for key, value in metrics.items()
+        if "/" in key and isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+    lines: list[str] = []
+    for pair in pairs:
+        if lines and len(lines[-1]) + 3 + len(pair) <= width:
+            lines[-1] += f"   {pair}"
+        else:
+            lines.append(pair)
+    return lines
+
+
 @rank_zero_only
 def write_metrics(out_dir: Path, metrics: Mapping[str, Any]) -> Path:
     """``metrics.json``: a flat object of final figures (NaN written as null)."""
@@ -58,9 +75,11 @@ def write_metrics(out_dir: Path, metrics: Mapping[str, Any]) -> Path:
 
 
 @rank_zero_only
-def save_config(cfg: DictConfig, out_dir: Path) -> None:
+def save_config(cfg: DictConfig, out_dir: Path) -> Path:
     """The resolved config, beside Hydra's own (unresolved) copy in ``.hydra/``."""
-    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    path = out_dir / "config.yaml"
+    write_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
+    return path
 
 
 @rank_zero_only

@@ -269,45 +269,53 @@ def offline_run_dir(run: Any) -> Path:
     return Path(run.dir).parent
 
 
+#: Whether this process has shown the offline banner (a sweep's jobs share one process).
+_BANNER_SHOWN = False
+
+
 @rank_zero_only
 def announce_offline(
     reason: str, run_dir: Path, sweep_dir: str | None = None, loud: bool = True
 ) -> None:
-    """A banner on stderr naming the run folder and the command to sync it, and a log record
-    (a warning when ``loud``: the run went offline without being asked to)."""
+    """A log record naming the run folder and the command to sync it (a warning when ``loud``:
+    the run went offline without being asked to) and, on a terminal, once per process, a
+    banner on stderr saying the same: a log file gets the record alone, and a sweep's later
+    jobs their own record."""
+    global _BANNER_SHOWN
+    every = f"{sweep_dir}/*/wandb/offline-run-*" if sweep_dir else None
+    log.log(
+        logging.WARNING if loud else logging.INFO,
+        "W&B is logging OFFLINE (%s); upload this run later with: wandb sync %s%s",
+        reason,
+        run_dir,
+        f" (every job of this sweep: wandb sync {every})" if every else "",
+    )
+    if _BANNER_SHOWN or not sys.stderr.isatty():
+        return
+    _BANNER_SHOWN = True
     lines = [
         f"W&B is logging OFFLINE: {reason}.",
         f"This run is saved in {run_dir}",
         "Upload it later (from a machine with internet and `wandb login`) with:",
         f"    wandb sync {run_dir}",
     ]
-    if sweep_dir:
-        lines.append(f"Every job of this sweep: wandb sync {sweep_dir}/*/wandb/offline-run-*")
+    if every:
+        lines.append(f"Every job of this sweep: wandb sync {every}")
     lines.append("To log online: `wandb login` or export WANDB_API_KEY=<key>.")
-    log.log(
-        logging.WARNING if loud else logging.INFO,
-        "W&B is logging OFFLINE (%s); upload this run later with: wandb sync %s",
-        reason,
-        run_dir,
-    )
-    stream = sys.stderr
-    if stream.isatty():
-        try:
-            from rich.console import Console
+    try:
+        from rich.console import Console
 
-            # No panel: its borders would crop or break the paths that users copy.
-            console = Console(stderr=True)
-            console.rule("W&B offline", style="bold yellow")
-            for i, line in enumerate(lines):
-                style = "bold yellow" if i == 0 else ("bold" if "wandb sync" in line else None)
-                console.print(line, style=style, soft_wrap=True, markup=False, highlight=False)
-            console.rule(style="bold yellow")
-            return
-        except Exception:  # rich missing or broken: plain text below
-            pass
-    rule = "=" * 88
-    stream.write("\n".join(["", rule, *lines, rule, ""]) + "\n")
-    stream.flush()
+        # No panel: its borders would crop or break the paths that users copy.
+        console = Console(stderr=True)
+        console.rule("W&B offline", style="bold yellow")
+        for i, line in enumerate(lines):
+            style = "bold yellow" if i == 0 else ("bold" if "wandb sync" in line else None)
+            console.print(line, style=style, soft_wrap=True, markup=False, highlight=False)
+        console.rule(style="bold yellow")
+    except Exception:  # rich missing or broken: plain text
+        rule = "=" * 88
+        sys.stderr.write("\n".join(["", rule, *lines, rule, ""]) + "\n")
+        sys.stderr.flush()
 
 
 def wandb_logger(
@@ -356,6 +364,9 @@ def wandb_logger(
     elif reason:
         _note_offline(reason, save_dir)
     sweep_dir = str(hc.sweep.dir) if hc is not None and _multirun(hc) else None
+    # W&B's own lines: offline, where the run is and how to sync it, which the announcement
+    # says (silent); online, its run history at the end (quiet keeps the run's address).
+    kwargs.setdefault("settings", {"silent": True} if mode == "offline" else {"quiet": True})
     return CXRWandbLogger(
         project=project,
         entity=entity,
@@ -388,6 +399,6 @@ def _finish_previous_job() -> None:
 
 @rank_zero_only
 def _note_offline(reason: str, save_dir: Path) -> None:
-    # The loud part (warning and banner, with the exact `wandb sync` command) comes when the
+    # What a user acts on (the warning, with the exact `wandb sync` command) comes when the
     # run starts and its folder is known.
-    log.info("W&B will log offline into %s/wandb/ (%s)", save_dir, reason)
+    log.debug("W&B will log offline into %s/wandb/ (%s)", save_dir, reason)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from covidqu.errors import CheckpointError, ConfigError, UserError
 from covidqu.runtime.checks import MISSING, check_output_dir, check_values, value_at
@@ -126,11 +126,91 @@ def check_config(cfg: DictConfig) -> None:
                 f"task={cfg.task.name} needs model.{key} (set by conf/task/{cfg.task.name}.yaml), "
                 f"but it is empty: remove the override of model.{key}, or choose another task"
             )
+    check_loss(cfg)
     monitor = str(cfg.task.monitor)
     if not monitor.startswith(("val/", "train/")):
         raise ConfigError(f"task.monitor={monitor} must name a logged metric such as val/dice")
     if cfg.task.monitor_mode not in ("min", "max"):
         raise ConfigError(f"task.monitor_mode must be min or max, got {cfg.task.monitor_mode}")
+
+
+def _task_output(cfg: DictConfig) -> tuple[str, Any, Any, str]:
+    """``(kind, mode, outputs, what)``: the task's output as a loss sees it, and in words."""
+    kind, mode = str(value_at(cfg, "task.kind")), value_at(cfg, "task.mode")
+    outputs = value_at(cfg, "task.num_outputs")
+    if kind == "classification":
+        return kind, mode, outputs, f"{outputs} classes per image"
+    target = value_at(cfg, "data.target")
+    if mode == "binary":
+        return kind, mode, outputs, f"data.target={target}, a binary mask: one output channel"
+    return kind, mode, outputs, f"data.target={target}, {outputs} classes per pixel"
+
+
+def loss_fault(loss_cfg: Any, kind: str, mode: Any, outputs: Any) -> str | None:
+    """Why the loss ``loss_cfg`` builds cannot score the task's output, or ``None`` when it can.
+
+    The loss is built and run on a tiny batch of the task's logits and targets (a few hundred
+    numbers): every refusal a loss makes, at construction or on its first batch, is then met
+    here, before any data or network is built.
+    """
+    import torch
+    from hydra.utils import instantiate
+
+    try:
+        loss = instantiate(loss_cfg)
+        if kind == "classification":
+            logits, target = torch.zeros(2, int(outputs)), torch.tensor([0, 1])
+        elif mode == "binary":
+            logits, target = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+        else:
+            logits = torch.zeros(2, int(outputs), 8, 8)
+            target = torch.zeros(2, 8, 8, dtype=torch.long)
+        loss(logits, target)
+    except Exception as err:  # the loss's own words (Hydra wraps a constructor's)
+        cause = err.__cause__ if err.__cause__ is not None else err
+        return str(cause).strip() or type(cause).__name__
+    return None
+
+
+def _losses_that_fit(kind: str, mode: Any, outputs: Any) -> list[str]:
+    """The options of the loss group (``conf/loss/``) that fit the task, by name."""
+    from covidqu.runtime.cli import CONF_DIR
+
+    fits = []
+    for path in sorted(Path(CONF_DIR, "loss").glob("*.yaml")):
+        option = OmegaConf.create({"task": {"mode": mode}, "loss": OmegaConf.load(path)})
+        if loss_fault(option.loss, kind, mode, outputs) is None:
+            fits.append(path.stem)
+    return fits
+
+
+def _loss_choice() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("loss")
+    except Exception:  # not under Hydra (an in-process caller)
+        return None
+
+
+def check_loss(cfg: DictConfig) -> None:
+    """Refuse a loss that cannot score the task's output (``loss=ce`` on a binary mask,
+    ``loss=bce`` on classes, a segmentation loss for ``task=classify``, class weights of
+    another number of classes, ...), naming ``loss`` and the options that fit."""
+    loss_cfg = cfg.get("loss")
+    if not loss_cfg or "_target_" not in loss_cfg:
+        return
+    kind, mode, outputs, what = _task_output(cfg)
+    fault = loss_fault(loss_cfg, kind, mode, outputs)
+    if fault is None:
+        return
+    choice = _loss_choice()
+    name = f"loss={choice}" if choice else f"the loss ({loss_cfg._target_})"
+    fits = ", ".join(_losses_that_fit(kind, mode, outputs)) or "none of conf/loss/"
+    raise ConfigError(
+        f"{name} does not fit task={value_at(cfg, 'task.name')} ({what}): {fault}\n"
+        f"Choose a loss that fits: loss={fits}"
+    )
 
 
 def _plain_model(model: Mapping[str, Any]) -> dict[str, Any]:
@@ -204,8 +284,16 @@ class Resume:
 
 def _loaded(path: Path, why: str) -> Resume:
     from covidqu.models.checkpoint import read_checkpoint
+    from covidqu.runtime.checkpoint_io import holds_training_state
 
     ckpt = read_checkpoint(path, key=why)
+    if not holds_training_state(ckpt):  # best.ckpt: the weights, without the optimizer state
+        raise CheckpointError(
+            f"{why}={path} holds the weights only, without the optimizer and scheduler state a "
+            "resume needs (best.ckpt keeps none): resume from the run's checkpoints/last.ckpt, "
+            "or start a new run from these weights with encoder.weights="
+            f"{path} encoder.load_decoder=true"
+        )
     return Resume(path, why, ckpt.get("epoch"), ckpt.get("global_step"), [], ckpt["covidqu"])
 
 
@@ -215,8 +303,9 @@ def resume_candidate(cfg: DictConfig, out_dir: Path) -> Resume | None:
     ``ckpt_path`` when given. Else, with ``auto_resume``, the newest state of the run folder
     that loads: ``checkpoints/last.ckpt`` (written after every epoch, and on an interrupt), or,
     where it does not load (a kill or a full disk mid-write left it empty or truncated), the
-    readable checkpoint of the highest step among the others (``best.ckpt``, per-epoch ones).
-    Files that do not load are passed over, with the reason, and never deleted; when none
+    readable checkpoint of the highest step among the others that hold the training state
+    (per-epoch ones; not ``best.ckpt``, which keeps the weights alone). Files that do not load
+    or cannot resume are passed over, with the reason, and never deleted; when none
     loads, a :class:`UserError` lists them all.
     """
     if cfg.get("ckpt_path"):

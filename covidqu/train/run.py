@@ -262,8 +262,7 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
 
 
 def _train(cfg: DictConfig, out_dir: Path, started: float) -> float | None:
-    print_config(cfg)
-    outputs.save_config(cfg, out_dir)
+    print_config(cfg, outputs.save_config(cfg, out_dir))  # one line; print_config=true: all
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     use_job_command_for_ddp()
