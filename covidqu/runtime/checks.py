@@ -53,6 +53,10 @@ def _null_or(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda x: x is None or check(x)
 
 
+def _bool(x: Any) -> bool:
+    return isinstance(x, bool)
+
+
 def _positive(x: Any) -> bool:
     return _number(x) and x > 0
 
@@ -177,14 +181,8 @@ RULES: tuple[Rule, ...] = (
         )
         for s in ("train", "val", "test")
     ),
-    Rule("ema", lambda x: isinstance(x, bool), "true or false", "ema=true", ("train",)),
-    Rule(
-        "print_config",
-        lambda x: isinstance(x, bool),
-        "true or false",
-        "print_config=true",
-        ("train",),
-    ),
+    Rule("ema", _bool, "true or false", "ema=true", ("train",)),
+    Rule("print_config", _bool, "true or false", "print_config=true", ("train",)),
     Rule(
         "ema_decay",
         lambda x: _number(x) and 0 < x < 1,
@@ -192,27 +190,15 @@ RULES: tuple[Rule, ...] = (
         "ema_decay=0.999",
         ("train",),
     ),
-    Rule(
-        "encoder.load_decoder",
-        lambda x: isinstance(x, bool),
-        "true or false",
-        "encoder.load_decoder=true",
-        ("train",),
-    ),
+    Rule("encoder.load_decoder", _bool, "true or false", "encoder.load_decoder=true", ("train",)),
     Rule(
         "module.channels_last",
-        lambda x: x is None or isinstance(x, bool),
+        _null_or(_bool),
         "null (on where the module runs on a CUDA device), true or false",
         "module.channels_last=null",
         ("train",),
     ),
-    Rule(
-        "module.compile",
-        lambda x: isinstance(x, bool),
-        "true or false",
-        "module.compile=true",
-        ("train",),
-    ),
+    Rule("module.compile", _bool, "true or false", "module.compile=true", ("train",)),
     Rule(
         "tune.num_training",
         _int_at_least(13),
@@ -232,7 +218,7 @@ RULES: tuple[Rule, ...] = (
         "tune.early_stop_threshold=4.0",
         ("train",),
     ),
-    Rule("tune.apply", lambda x: isinstance(x, bool), "true or false", "tune.apply=true"),
+    Rule("tune.apply", _bool, "true or false", "tune.apply=true"),
     Rule("callbacks.early_stopping.patience", _int_at_least(0), "an integer >= 0", "20"),
     Rule("batch_size", _int_at_least(1), "an integer >= 1", "batch_size=16"),
     Rule("num_workers", _int_at_least(0), "an integer >= 0", "num_workers=4"),
@@ -291,12 +277,7 @@ RULES: tuple[Rule, ...] = (
         "postprocess.lung_components=2",
     ),
     *(
-        Rule(
-            f"postprocess.{k}",
-            lambda x: isinstance(x, bool),
-            "true or false",
-            f"postprocess.{k}=true",
-        )
+        Rule(f"postprocess.{k}", _bool, "true or false", f"postprocess.{k}=true")
         for k in ("fill_holes", "inside_lung")
     ),
     Rule(
