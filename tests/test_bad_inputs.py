@@ -43,7 +43,8 @@ class Case:
     """``command args`` must fail, naming every string of ``names``.
 
     ``args`` and ``names`` may hold ``{root}``, ``{lung}``, ``{lung_ckpt}``, ``{classify_ckpt}``,
-    ``{tmp}``, ``{prev}`` (this command's previous results), filled from the :class:`World`.
+    ``{classify_last}``, ``{tmp}``, ``{prev}`` (this command's previous results), filled from
+    the :class:`World`.
     """
 
     id: str
@@ -89,7 +90,8 @@ CASES: tuple[Case, ...] = (
     Case(
         "resume-another-task",
         "train",
-        ("ckpt_path={classify_ckpt}",),
+        # last.ckpt, what a resume reads (best.ckpt holds weights only and is refused first)
+        ("ckpt_path={classify_last}",),
         ("ckpt_path", "task.name"),
     ),
     Case(
@@ -216,6 +218,7 @@ def _fill(text: str, world: World, command: str) -> str:
         lung=world.lung,
         lung_ckpt=world.ckpt(world.lung),
         classify_ckpt=world.ckpt(world.classify),
+        classify_last=world.classify / "checkpoints" / "last.ckpt",
         tmp=world.tmp,
         prev=world.previous.get(command, world.tmp / "no-previous"),
     )
