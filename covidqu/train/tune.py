@@ -7,7 +7,7 @@ rate rises from ``tune.min_lr`` to ``tune.max_lr``, then restores the network, o
 loops as they were. Its suggestion is the rate where the smoothed loss fell fastest. The run
 folder gets ``lr_find.png`` (Lightning's plot: loss against learning rate, the suggestion
 marked) and ``lr_find.json`` (the suggestion, the settings and the curve). With
-``tune.apply=false`` the run stops there; with ``tune.apply=true`` Lightning sets the module's
+``tune.apply=false`` the run stops there; with ``tune.apply=true`` the module gets it as its
 ``lr`` (:attr:`covidqu.models.base.CXRModule.lr`, the optimizer's ``lr``) and the run trains
 with it, recorded as ``optimizer.lr`` in ``config.yaml`` and as ``tuned_lr`` in
 ``metrics.json``.
@@ -91,8 +91,7 @@ def find_lr(
             num_training=int(tune.num_training),
             mode=str(tune.mode),
             early_stop_threshold=tune.early_stop_threshold,
-            update_attr=bool(tune.apply),
-            attr_name="lr",
+            update_attr=False,  # _use sets the rate, here and for a resumed run alike
         )
     finally:
         loop.max_epochs = max_epochs
