@@ -106,6 +106,7 @@ CASES: tuple[Case, ...] = (
     Case("eval-checkpoint-empty", "eval", ("ckpt_path={tmp}/empty.ckpt",), ("{tmp}/empty.ckpt",)),
     Case("eval-checkpoint-a-png", "eval", ("ckpt_path={tmp}/one_px.png",), ("{tmp}/one_px.png",)),
     Case("eval-split-unknown", "eval", ("ckpt_path={lung_ckpt}", "split=holdout"), ("split",)),
+    Case("eval-worst-negative", "eval", ("ckpt_path={lung_ckpt}", "num_worst=-1"), ("num_worst",)),
     Case(
         "eval-root-empty",
         "eval",

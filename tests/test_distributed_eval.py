@@ -19,6 +19,7 @@ from covidqu.analyze import run as analysis
 from covidqu.analyze.run import analyze
 from covidqu.errors import ConfigError
 from covidqu.eval.run import evaluate
+from covidqu.report.gallery import worst
 
 from pipeline_helpers import compose_config, read_csv, read_metrics, run_module
 
@@ -78,7 +79,7 @@ def assert_same_pictures(single: Path, ddp: Path) -> None:
 
 def test_eval_on_two_processes_counts_every_image_once(multiclass_ckpt, synth_root, tmp_path):
     common = [f"ckpt_path={multiclass_ckpt}", f"data.root={synth_root}", "data.num_workers=0"]
-    common += ["data.batch_size=2", "num_overlays=5"]
+    common += ["data.batch_size=2", "num_overlays=2", "num_worst=4"]
     one = tmp_path / "single"
     evaluate(compose_config("eval", [*common, "trainer.enable_progress_bar=false"], one))
     two = tmp_path / "ddp"
@@ -93,8 +94,10 @@ def test_eval_on_two_processes_counts_every_image_once(multiclass_ckpt, synth_ro
     rows = read_csv(two / "per_image.csv")
     assert len({r["id"] for r in rows}) == 9
     assert_same_rows(read_csv(one / "per_image.csv"), rows)
-    # the overlays of the split's first 5 images, whichever process held them
-    assert len(pngs(two / "overlays")) == 5
+    # the overlays of the split's first 2 images and of its 4 worst, whichever process held them
+    first = {f"{r['id']}.png" for r in rows[:2]}
+    worst_four = {f"{w.name}.png" for w in worst(two, 4)[1]}
+    assert set(pngs(two / "overlays")) == first | worst_four and len(first | worst_four) > 2
     assert_same_pictures(one / "overlays", two / "overlays")
     # the second process ran this job, in this job's folder, and wrote none of the shared files
     assert (two / "eval_ddp_process_1.log").is_file()

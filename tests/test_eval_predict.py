@@ -14,6 +14,7 @@ import torch
 from covidqu.eval.run import evaluate
 from covidqu.models.checkpoint import CheckpointError, load_module
 from covidqu.predict.run import predict
+from covidqu.report.gallery import worst
 
 from pipeline_helpers import compose_config, read_csv, read_metrics, run_module
 
@@ -51,6 +52,7 @@ def test_eval_writes_metrics_per_image_rows_and_overlays(lung_run: Path, synth_r
             f"ckpt_path={lung_run / 'checkpoints' / 'best.ckpt'}",
             f"data.root={synth_root}",
             "num_overlays=3",
+            "num_worst=2",
             "data.num_workers=0",
             f"hydra.run.dir={out}",
         ],
@@ -75,8 +77,13 @@ def test_eval_writes_metrics_per_image_rows_and_overlays(lung_run: Path, synth_r
         mean = sum(float(r[key]) for r in rows) / len(rows)
         assert metrics[f"test/{key}_image_post"] == pytest.approx(mean, abs=1e-5)
     assert "test/dice_covid" not in metrics  # lung masks: every image shows a lung
+    # the split's first 3 images and its 2 worst, as the report's gallery ranks them: the
+    # gallery finds an overlay for each image it shows
+    _, shown = worst(out, 2)
+    kept = {r["id"] for r in rows[:3]} | {w.name for w in shown}
     overlays = sorted((out / "overlays").iterdir())
-    assert len(overlays) == 3
+    assert {p.stem for p in overlays} == kept and len(kept) > 3
+    assert all(w.overlay is not None for w in shown)
     panel = cv2.imread(str(overlays[0]))
     assert panel.shape[1] == 3 * 256  # image | truth | prediction, enlarged from 32 px
 

@@ -153,9 +153,8 @@ def test_the_test_rows_score_the_post_processed_masks(trained_run):
     raw, post = module.test_records
     assert raw["dice"] < 1.0 and post["dice"] == pytest.approx(1.0)
     # the overlay shows the cleaned mask too
-    module.keep_overlays, module.overlays = 1, []
-    module.record_test_batch(batch, logits)
-    assert (module.overlays[0]["prediction"].numpy() == clean).all()
+    (item,) = module.overlay_items(batch, logits, [0])
+    assert (item["prediction"].numpy() == clean).all()
 
 
 def test_validation_scores_every_combination_per_image(trained_run):

@@ -25,9 +25,9 @@ from covidqu.constants import COVID
 from covidqu.data.layout import DataError, Sample, scan
 from covidqu.data.readers import PngReader, read_image
 from covidqu.errors import ConfigError
-from covidqu.models.base import gather_rows
 from covidqu.models.ensemble import load_model
 from covidqu.models.figures import caption, tint
+from covidqu.models.kept import gather_rows
 from covidqu.runtime import outputs
 from covidqu.runtime.inputs import output_names, probabilities
 from covidqu.scoring.detection import called, detection_score

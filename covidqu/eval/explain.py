@@ -17,9 +17,9 @@ import pytorch_lightning as pl
 import torch
 
 from covidqu.constants import CLASSES
-from covidqu.models.base import gather_rows
 from covidqu.models.explain import GradCam, explained_classes, overlay
 from covidqu.models.figures import denormalise
+from covidqu.models.kept import gather_rows
 from covidqu.runtime import outputs
 
 #: The folder of the heatmaps in an eval run folder, and the table beside it.

@@ -82,6 +82,7 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     module.tta = tta  # every figure, row and overlay of the test step is of the TTA mean
     datamodule.setup({"test": "test", "val": "validate", "train": "fit"}[split])
     module.keep_overlays = int(cfg.get("num_overlays", 0))
+    module.keep_worst = int(cfg.get("num_worst", 0))
 
     callbacks = [GradCamWriter(gradcam, out_dir)] if gradcam is not None else []
     trainer = evaluation_trainer(cfg.trainer, callbacks=callbacks)

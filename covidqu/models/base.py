@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from covidqu.models.kept import KeptOverlays, gather_rows
 from covidqu.models.schedulers import Resumed, RunSteps, StepPlan, parameters, plan_steps
 from covidqu.models.tta import check_tta, tta_probabilities
 from covidqu.resolvers import to_plain
@@ -111,9 +112,12 @@ class CXRModule(pl.LightningModule):
         self.recipe: dict[str, Any] = dict(to_plain(recipe or {}))
         #: Per-image rows of the last test run (id, class, scores), for ``per_image.csv``.
         self.test_records: list[dict[str, Any]] = []
-        #: How many test images to keep for overlays, and the kept (image, target, output).
+        #: How many test images to keep overlays of: the split's first, and its worst (ranked
+        #: as the report's gallery ranks them); after a test run, :attr:`overlays` holds them.
         self.keep_overlays = 0
+        self.keep_worst = 0
         self.overlays: list[dict[str, Any]] = []
+        self._kept = KeptOverlays()
         #: Test-time augmentation of the test step and of :meth:`predict_probabilities` (set by
         #: eval, predict and analyze; never saved in a checkpoint, never used in training).
         self.tta = "none"
@@ -258,14 +262,23 @@ class CXRModule(pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
         if batch is None:
             return
-        logits, _ = self._step(batch, "test")
-        self.record_test_batch(batch, detached(logits))
+        logits = detached(self._step(batch, "test")[0])
+        first = len(self.test_records)
+        self.record_test_batch(batch, logits)
+        rows = self.test_records[first:]
+        self._kept.offer(rows, lambda at: self.overlay_items(batch, logits, at))
 
     # -- what the task shows: the commands call these without knowing which task runs ---------
 
     def record_test_batch(self, batch: Mapping[str, Any], logits: Tensor) -> None:
-        """Append this batch's rows to :attr:`test_records` and keep up to
-        :attr:`keep_overlays` items in :attr:`overlays` (for :meth:`render_overlay`)."""
+        """Append this batch's rows to :attr:`test_records`, one per image in batch order."""
+        raise NotImplementedError
+
+    def overlay_items(
+        self, batch: Mapping[str, Any], outputs: Any, at: list[int]
+    ) -> list[dict[str, Any]]:
+        """What :meth:`render_overlay` needs of the batch's images at positions ``at`` given
+        the network's (detached) outputs for the batch: on the CPU, each with its ``id``."""
         raise NotImplementedError
 
     def render_overlay(self, item: Mapping[str, Any]) -> np.ndarray:
@@ -339,12 +352,12 @@ class CXRModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_records = []
         self.overlays = []
+        self._kept = KeptOverlays(self.keep_overlays, self.keep_worst)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
         self.test_records = gather_rows(self.test_records)
-        # each process kept the first images of its own shard: those of the split come first
-        self.overlays = gather_rows(self.overlays)[: self.keep_overlays]
+        self.overlays = self._kept.gathered()
 
     # -- optimisation ----------------------------------------------------------------------------
 
@@ -429,21 +442,3 @@ def detached(outputs: Any) -> Any:
     if isinstance(outputs, tuple):
         return tuple(o.detach() for o in outputs)
     return outputs.detach()
-
-
-def gather_rows(rows: list[Any]) -> list[Any]:
-    """Every process's per-image rows (any picklable items), in dataset order, on every process.
-
-    Evaluation shards are interleaved (process ``r`` holds samples ``r, r + world, ...``), so
-    taking one row from each process in turn restores the dataset's order. Lightning gathers
-    tensors only, hence torch's object gather.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, rows)
-    merged = []
-    for i in range(max(len(p) for p in parts)):
-        merged += [p[i] for p in parts if i < len(p)]
-    return merged

@@ -78,16 +78,22 @@ class ClassificationModule(CXRModule):
             }
             row.update({f"p_{name}": float(probs[i, c]) for c, name in enumerate(CLASSES)})
             self.test_records.append(row)
-        for i in range(min(len(batch["id"]), self.keep_overlays - len(self.overlays))):
-            self.overlays.append(
-                {
-                    "id": batch["id"][i],
-                    "image": batch["image"][i, 0].float().cpu(),
-                    "label": labels[i],
-                    "prediction": pred[i],
-                    "probabilities": probs[i],
-                }
-            )
+
+    def overlay_items(
+        self, batch: Mapping[str, Any], logits: Tensor, at: list[int]
+    ) -> list[dict[str, Any]]:
+        """Each image at ``at`` with its class and the predicted probabilities."""
+        probs = torch.softmax(logits[at].float(), dim=1).cpu()
+        return [
+            {
+                "id": str(batch["id"][i]),
+                "image": batch["image"][i, 0].float().cpu(),
+                "label": int(batch["label"][i]),
+                "prediction": int(probs[k].argmax()),
+                "probabilities": probs[k],
+            }
+            for k, i in enumerate(at)
+        ]
 
     def render_overlay(self, item: Mapping[str, Any]) -> np.ndarray:
         image = denormalise(item["image"].numpy(), *self.normalisation)

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 from covidqu.constants import CLASSES, TARGETS
-from covidqu.models.base import CXRModule, detached, gather_rows, logits_output
+from covidqu.models.base import CXRModule, detached, logits_output
 from covidqu.models.figures import denormalise, segmentation_panel, tint
+from covidqu.models.kept import gather_rows
 from covidqu.models.metrics import default_class_names, per_image_scores
 from covidqu.models.postprocess import PostProcess
 from covidqu.scoring.severity import infected_share
@@ -151,20 +152,24 @@ class SegmentationModule(CXRModule):
 
     # -- what the task shows ---------------------------------------------------------------------
 
-    def _overlay_items(self, batch: Mapping[str, Any], logits: Tensor, n: int) -> list[dict]:
+    def overlay_items(
+        self, batch: Mapping[str, Any], outputs: Any, at: list[int]
+    ) -> list[dict[str, Any]]:
+        """Each image at ``at`` with its truth and its predicted mask (as post-processed)."""
         lung = batch.get("lung")
-        pred = self.clean_masks(self.predict_masks(logits[:n]), None if lung is None else lung[:n])
-        target = batch["mask"][:n]
+        logits = self.mask_logits(outputs)[at]
+        pred = self.clean_masks(self.predict_masks(logits), None if lung is None else lung[at])
+        target = batch["mask"][at]
         target = target[:, 0] if target.dim() == 4 else target
         target = (target > 0.5) if target.is_floating_point() else target
         return [
             {
                 "id": str(batch["id"][i]),
                 "image": batch["image"][i, 0].float().cpu(),
-                "target": target[i].long().cpu(),
-                "prediction": pred[i].cpu(),
+                "target": target[k].long().cpu(),
+                "prediction": pred[k].cpu(),
             }
-            for i in range(min(n, len(batch["id"])))
+            for k, i in enumerate(at)
         ]
 
     def record_test_batch(self, batch: Mapping[str, Any], logits: Tensor) -> None:
@@ -185,9 +190,6 @@ class SegmentationModule(CXRModule):
             row: dict[str, Any] = {"id": image_id, "class": CLASSES[labels[i]]}
             row.update({k: float(v[i]) for k, v in scores.items()})
             self.test_records.append(row)
-        room = self.keep_overlays - len(self.overlays)
-        if room > 0:
-            self.overlays += self._overlay_items(batch, logits, room)
 
     def render_overlay(self, item: Mapping[str, Any]) -> np.ndarray:
         image = denormalise(item["image"].numpy(), *self.normalisation)
@@ -200,8 +202,8 @@ class SegmentationModule(CXRModule):
         precision = self.trainer.precision_plugin
         images = precision.convert_input(batch["image"][:n])
         with precision.val_step_context():
-            logits = self.mask_logits(self(images))
-        items = self._overlay_items(batch, logits, n)
+            outputs = self(images)
+        items = self.overlay_items(batch, outputs, list(range(n)))
         return [(item["id"], self.render_overlay(item)) for item in items]
 
     def mask_at(self, probabilities: np.ndarray, height: int, width: int) -> np.ndarray:

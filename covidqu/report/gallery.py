@@ -1,14 +1,14 @@
 """The worst images of an eval, a training run's test or an analysis, and their overlays.
 
 Rows come from ``per_image.csv`` (eval, and a training run's test) or ``analysis.csv``
-(analyze). They are ranked by what says an image went wrong: a segmentation's per-image Dice
-(lowest first), the worse of the two stages' Dice for an analysis, and for a classifier the
-probability it gave to the classes the image is not (highest first; the per-image loss is not
-written, and this is its monotone cousin).
+(analyze), ranked by :mod:`covidqu.scoring.worst`: a segmentation's per-image Dice (lowest
+first), the worse of the two stages' Dice for an analysis, and for a classifier the probability
+it gave to the classes the image is not (highest first).
 
-An overlay is looked for where the commands write it: ``overlays/<id>.png`` (eval keeps the
-first ``num_overlays`` images only) and ``<name>_overlay.png`` (analyze, every image). Where
-none was written the gallery shows the row and says so.
+An overlay is looked for where the commands write it: ``overlays/<id>.png`` (eval and a
+training run's test keep those of the first ``num_overlays`` images and of the ``num_worst``
+worst, by the same ranking) and ``<name>_overlay.png`` (analyze, every image). Where none was
+written the gallery shows the row and says so.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from covidqu.report.figures import number, read_csv
+from covidqu.report.figures import read_csv
 from covidqu.runtime.outputs import PER_IMAGE_FILE, safe_name
+from covidqu.scoring.worst import badness, name_of, worst_first
 
 #: What analyze writes, one row per image (``covidqu.analyze.run.ANALYSIS_FILE``; report may
 #: not import analyze).
@@ -47,36 +48,15 @@ def image_rows(folder: Path) -> tuple[str, list[dict[str, str]]]:
     return "", []
 
 
-def _name(row: Mapping[str, str]) -> str:
-    if row.get("id"):
-        return row["id"]
-    return Path(row.get("file", "")).stem
-
-
 def ranking(rows: Sequence[Mapping[str, str]]) -> tuple[str, dict[int, float]] | None:
     """``(what ranks, {row index: how bad})``: larger is worse; ``None`` if nothing ranks."""
-    if not rows:
-        return None
-    first = rows[0]
-    if "class" in first and any(k.startswith("p_") for k in first):
-        bad = {}
-        for i, row in enumerate(rows):
-            p = number(row.get(f"p_{row.get('class')}"))
-            if p is not None:
-                bad[i] = 1.0 - p
-        return "wrong-class probability", bad
-    stages = [c for c in ("lung_dice", "infection_dice") if c in first]
-    columns = stages or (["dice"] if "dice" in first else [])
-    if not columns:
-        return None
-    bad = {}
+    bad: dict[int, float] = {}
+    label = ""
     for i, row in enumerate(rows):
-        values = [number(row.get(c)) for c in columns]
-        values = [v for v in values if v is not None]
-        if values:
-            bad[i] = 1.0 - min(values)
-    label = "1 - the worse stage's Dice" if stages else "1 - Dice"
-    return label, bad
+        ranked = badness(row)
+        if ranked is not None:
+            label, bad[i] = ranked
+    return (label, bad) if bad else None
 
 
 def overlay_of(folder: Path, name: str) -> Path | None:
@@ -95,11 +75,11 @@ def worst(folder: Path, n: int = WORST_N) -> tuple[str, list[Worst]]:
     if ranked is None:
         return "", []
     label, bad = ranked
-    order = sorted(bad, key=lambda i: (-bad[i], _name(rows[i])))[:n]
+    order = sorted(bad, key=lambda i: worst_first(bad[i], name_of(rows[i])))[:n]
     shown = []
     for i in order:
         row = rows[i]
-        name = _name(row)
+        name = name_of(row)
         shown.append(
             Worst(
                 name=name,

@@ -226,8 +226,8 @@ def _gallery_section(root: Path, n: int) -> list[str]:
     if missing:
         parts.append(
             f'<p class="note">{missing} of these images have no overlay in this folder: eval '
-            "writes overlays of the first num_overlays images only (raise num_overlays to "
-            "keep more).</p>"
+            "and a training run's test keep overlays of their num_worst worst images (raise "
+            "num_worst to keep more).</p>"
         )
     return parts
 

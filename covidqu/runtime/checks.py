@@ -223,6 +223,7 @@ RULES: tuple[Rule, ...] = (
     Rule("batch_size", _int_at_least(1), "an integer >= 1", "batch_size=16"),
     Rule("num_workers", _int_at_least(0), "an integer >= 0", "num_workers=4"),
     Rule("num_overlays", _int_at_least(0), "an integer >= 0", "num_overlays=16"),
+    Rule("num_worst", _int_at_least(0), "an integer >= 0", "num_worst=12"),
     Rule("split", _one_of("test", "val", "train"), "test, val or train", "split=val", ("eval",)),
     Rule("split", _one_of("test", "val"), "test or val", "split=test", ("analyze",)),
     Rule(

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from covidqu.files import DiskFullError, atomic_text, write_atomic
+from covidqu.scoring.worst import SIGNIFICANT
 
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
@@ -144,7 +145,7 @@ def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _fmt(value: Any) -> Any:
-    return f"{value:.6g}" if isinstance(value, float) else value
+    return f"{value:.{SIGNIFICANT}g}" if isinstance(value, float) else value
 
 
 @rank_zero_only

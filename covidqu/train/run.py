@@ -330,6 +330,7 @@ def _final_metrics(
     chosen = settle_choice(cfg, module, best, out_dir, trainer.is_global_zero)
     if cfg.get("test", True):
         if _has_split(datamodule, "test"):
+            module.keep_worst = int(cfg.get("num_worst", 0))  # their overlays, for report.html
             figures.update(_score_best(trainer.test, module, datamodule, best))
             if hasattr(module, "postprocess"):  # the test images' masks as post-processed
                 covid = "infection" if "infection" in module.class_names else None
