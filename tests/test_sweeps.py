@@ -131,7 +131,7 @@ def test_a_failed_job_does_not_stop_the_sweep(synth_root, tmp_path):
     out, proc = sweep(synth_root, tmp_path, "optimizer.lr=0.001,-1")
     assert proc.returncode == 1  # the sweep ends saying a job failed
     log = proc.stdout + proc.stderr
-    assert "1 of 2 jobs did not complete" in log
+    assert "1 of 2 jobs of this launch did not complete" in log
     good, bad = job_dirs(out)
     assert read_metrics(good)["val/dice"] >= 0
     failure = (bad / "failure.txt").read_text()
@@ -382,3 +382,46 @@ def test_an_interrupted_trial_is_failed_and_run_again(stop: BaseException):
     study.ask()  # trial 3, elsewhere
     runs = consecutive([*trials, study.ask()])
     assert [[t.number for t in run] for run in runs] == [[1, 2], [4]]
+
+
+def _job(sweep_dir: Path, name: str, completed: bool, at: int) -> None:
+    """A job folder as a finished job leaves it: its config, then metrics.json or failure.txt,
+    stamped ``at`` seconds (jobs seconds apart, as real ones are, whatever the clock's grain)."""
+    job = sweep_dir / name
+    (job / ".hydra").mkdir(parents=True, exist_ok=True)
+    written = [
+        job / ".hydra" / "config.yaml",
+        job / ("metrics.json" if completed else "failure.txt"),
+    ]
+    written[0].write_text("task: {monitor: val/dice}\n")
+    written[1].write_text(json.dumps({"val/dice": 0.5}) if completed else "error: it failed\n")
+    for path in written:
+        os.utime(path, (at, at))
+
+
+@pytest.mark.parametrize("new_job_fails", [False, True])
+def test_a_sweep_fails_for_its_own_jobs_not_an_earlier_launchs(tmp_path, new_job_fails):
+    """A resumed study keeps the folders of its earlier failed trials: the launch that adds a
+    completed trial exits 0 (naming the earlier failure), one whose own job fails exits 1."""
+    from omegaconf import OmegaConf
+
+    from covidqu.report.sweep import SweepSummary
+
+    out = tmp_path / "sweep"
+    _job(out, "0", completed=False, at=1_000)  # the earlier launch: a failed trial
+    _job(out, "1", completed=True, at=1_010)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(out)}}})
+    summary = SweepSummary()
+    summary.on_multirun_start(config)
+    _job(out, "2", completed=not new_job_fails, at=2_000)  # this launch's trial
+    if new_job_fails:
+        with pytest.raises(SystemExit) as exit_:
+            summary.on_multirun_end(config)
+        assert exit_.value.code == 1
+    else:
+        summary.on_multirun_end(config)  # no SystemExit
+    # a job re-run in a folder an earlier launch used counts as this launch's
+    summary.on_multirun_start(config)
+    _job(out, "1", completed=False, at=3_000)
+    with pytest.raises(SystemExit):
+        summary.on_multirun_end(config)
