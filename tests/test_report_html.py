@@ -380,3 +380,48 @@ def test_an_analysis_of_images_without_truth_gets_a_page_saying_so(tmp_path: Pat
     assert report_main([str(folder), "--quiet"]) == 0
     page = (folder / report_html.REPORT_HTML).read_text()
     assert "2 rows in analysis.csv, with no truth to rank them by" in page
+
+
+def _tune_run(folder: Path, apply: bool, optimizer: str, suggestion: float) -> None:
+    """A run folder as ``tune=lr`` leaves it: the config, lr_find.json and lr_find.png."""
+    import cv2
+    import numpy as np
+
+    (folder / ".hydra").mkdir(parents=True)
+    config = {"task": {"monitor": "val/dice"}, "tune": {"name": "lr", "apply": apply}}
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"optimizer={optimizer}"]))
+    (folder / "lr_find.json").write_text(f'{{"suggestion": {suggestion}}}')
+    cv2.imwrite(str(folder / "lr_find.png"), np.full((40, 60, 3), 200, np.uint8))
+
+
+def test_a_finder_run_is_tuned_not_unfinished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """tune=lr alone stops after the finder, as asked: its row says tuned, with the suggested
+    rate, and neither the report nor a sweep of such runs counts it as failed; with
+    tune.apply=true the same files without metrics.json mean the run has not finished."""
+    from omegaconf import OmegaConf
+
+    from covidqu.report.sweep import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    summary = SweepSummary()
+    summary.on_multirun_start(config)
+    _tune_run(sweep / "0", apply=False, optimizer="adam", suggestion=0.003)
+    _tune_run(sweep / "1", apply=False, optimizer="sgd", suggestion=0.05)
+    summary.on_multirun_end(config)  # no SystemExit: both did what they were asked
+    table = {r["run"]: r for r in rows(find_runs(sweep), sweep)}
+    assert {k: (r["status"], r["tuned_lr"]) for k, r in table.items()} == {
+        "0": ("tuned", 0.003),
+        "1": ("tuned", 0.05),
+    }
+    assert report_main([str(sweep / "0")]) == 0
+    page = (sweep / "0" / report_html.REPORT_HTML).read_text()
+    assert 'alt="learning-rate finder: loss against learning rate' in page
+
+    applied = tmp_path / "applied"
+    _tune_run(applied, apply=True, optimizer="adam", suggestion=0.003)
+    (run,) = find_runs(applied)
+    assert run.status == "incomplete"  # it trains after the finder: no metrics.json yet

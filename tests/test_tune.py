@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from covidqu.errors import ConfigError
+from covidqu.report.run import find_runs, rows
 from covidqu.runtime.checks import check_values
 from covidqu.train.checks import check_tune
 from covidqu.train.run import train
@@ -80,6 +81,8 @@ def test_tune_lr_alone_finds_the_rate_and_stops(synth_root, tmp_path):
     assert f"suggest optimizer.lr={record['suggestion']:.3g}" in proc.stderr + proc.stdout
     assert not (run / "checkpoints").exists()  # it stopped before training
     assert not (run / "metrics.json").exists()
+    (row,) = rows(find_runs(run), run)  # the report: done as asked, not unfinished
+    assert (row["status"], row["tuned_lr"]) == ("tuned", pytest.approx(record["suggestion"]))
 
 
 def _tune_cfg(*overrides: str) -> Any:

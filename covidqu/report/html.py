@@ -37,12 +37,13 @@ from covidqu.report.run import cell, ordered_columns, read_monitor, varying
 from covidqu.report.study import study_figures
 
 REPORT_HTML = "report.html"
-#: PNG files eval and analyze write into their folder, shown as they are.
+#: PNG files eval, analyze and tune=lr write into their folder, shown as they are.
 WRITTEN_FIGURES = {
     "roc.png": "ROC curve",
     "severity.png": "severity: predicted against true",
     "reliability.png": "reliability diagram",
     "grade_confusion.png": "grade confusion matrix",
+    "lr_find.png": "learning-rate finder: loss against learning rate, the suggestion marked",
 }
 #: Runs whose learning curves the page draws, best first (each is one figure).
 MAX_CURVES = 20

@@ -2,7 +2,9 @@
 
 A run is a folder with Hydra's ``.hydra/config.yaml`` (single runs, and each job of a basic,
 Optuna or submitit sweep). Its status comes from the files it left: ``metrics.json`` (completed),
-``failure.txt`` (failed) or neither (running, or killed without a word).
+``failure.txt`` (failed), ``lr_find.json`` alone from ``tune=lr`` without ``tune.apply`` (tuned: it
+found its learning rate and stopped, as asked) or none of them (running, or killed without a
+word).
 
 Runs of a k-fold sweep (``data.num_folds``) that differ only in ``data.fold`` are one experiment:
 each fold keeps its row, and two rows more give the mean and the standard deviation across the
@@ -24,10 +26,12 @@ import yaml
 
 from covidqu.files import atomic_text, write_atomic
 from covidqu.runtime.config import split_override
-from covidqu.runtime.outputs import FAILURE_FILE, METRICS_FILE
+from covidqu.runtime.outputs import FAILURE_FILE, LR_FIND_FILE, METRICS_FILE
 
 REPORT_CSV = "report.csv"
 REPORT_MD = "report.md"
+#: The statuses of runs that did what they were asked: neither failed nor unfinished.
+DONE = ("completed", "tuned")
 #: Overrides that differ between runs but say nothing about the experiment.
 _IGNORED_KEYS = ("hydra.", "paths.output_dir")
 
@@ -47,6 +51,7 @@ class Run:
     error: str | None = None
     num_folds: int | None = None
     fold: int | None = None
+    tuned_lr: float | None = None  # the learning-rate finder's suggestion (tune=lr)
 
     @property
     def score(self) -> float | None:
@@ -102,10 +107,23 @@ def read_run(folder: Path) -> Run:
         run.epochs = data.get("epochs")
         run.duration_s = data.get("duration_s")
         run.num_folds, run.fold = data.get("num_folds"), data.get("fold")
+        run.tuned_lr = data.get("tuned_lr")
     elif newest == failure_file:
         run.status = "failed"
         run.error, run.duration_s = _failure(failure_file)
+    elif not (config.get("tune") or {}).get("apply"):  # tune.apply=true trains after finding
+        suggestion = _suggestion(folder / LR_FIND_FILE)
+        if suggestion is not None:
+            run.status, run.tuned_lr = "tuned", suggestion
     return run
+
+
+def _suggestion(path: Path) -> float | None:
+    """The learning rate ``lr_find.json`` suggests, if the file is there and says one."""
+    try:
+        return float(json.loads(path.read_text())["suggestion"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def find_runs(root: str | Path) -> list[Run]:
@@ -154,6 +172,7 @@ def rows(runs: Sequence[Run], root: Path) -> list[dict[str, Any]]:
         {k for r in runs for k in r.figures if k.split("/")[0] in stage_order},
         key=lambda k: (stage_order[k.split("/")[0]], k),
     )
+    tuned = any(r.tuned_lr is not None for r in runs)
     out = []
     for run in sort_runs(runs):
         row: dict[str, Any] = {"run": run.path.relative_to(root).as_posix() or "."}
@@ -165,6 +184,8 @@ def rows(runs: Sequence[Run], root: Path) -> list[dict[str, Any]]:
         row.update({k: run.figures.get(k) for k in figure_keys})
         row["epochs"] = run.epochs
         row["duration_s"] = None if run.duration_s is None else round(float(run.duration_s), 1)
+        if tuned:
+            row["tuned_lr"] = run.tuned_lr
         if run.error:
             row["error"] = run.error
         out.append(row)

@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from covidqu.report.run import SUMMARY, report
+from covidqu.report.run import DONE, SUMMARY, report
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class SweepSummary(Callback):
         table = [r for r in report(sweep_dir) if r["status"] != SUMMARY]  # runs, not k-fold rows
         stamps = job_stamps(sweep_dir)
         ran = {run for run, stamp in stamps.items() if self._before.get(run) != stamp}
-        failed = [r["run"] for r in table if r["status"] != "completed" and r["run"] in ran]
-        earlier = [r["run"] for r in table if r["status"] != "completed" and r["run"] not in ran]
+        failed = [r["run"] for r in table if r["status"] not in DONE and r["run"] in ran]
+        earlier = [r["run"] for r in table if r["status"] not in DONE and r["run"] not in ran]
         if earlier:
             log.warning(
                 "%d job(s) of an earlier launch in this folder did not complete: %s",

@@ -27,6 +27,9 @@ FAILURE_FILE = "failure.txt"
 SKIPPED_FILE = "skipped_files.txt"
 #: The Optuna study of an ``hparams_search=optuna`` sweep, in its sweep folder (SQLite).
 STUDY_FILE = "optuna.db"
+#: What the learning-rate finder of ``tune=lr`` leaves: its suggestion and curve, and its plot.
+LR_FIND_FILE = "lr_find.json"
+LR_FIND_PLOT = "lr_find.png"
 
 
 def relative(path: str | os.PathLike[str], base: Path) -> str:

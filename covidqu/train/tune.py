@@ -32,8 +32,8 @@ from covidqu.runtime import outputs
 log = logging.getLogger(__name__)
 
 #: The files the finder leaves in the run folder.
-PLOT_FILE = "lr_find.png"
-RECORD_FILE = "lr_find.json"
+PLOT_FILE = outputs.LR_FIND_PLOT
+RECORD_FILE = outputs.LR_FIND_FILE
 
 
 @dataclass(frozen=True)
