@@ -61,7 +61,7 @@ def check_output(output: Any) -> Path:
 
 def check_single_output(module: type[Any], recipe: dict[str, Any], ckpt_path: Any) -> None:
     """Refuse a network whose task cannot be exported as one output: ``module`` (the class of
-    the checkpoint's module) says why (:attr:`~covidqu.models.base.CXRModule.export_refusal`)."""
+    the checkpoint's module) says why (:attr:`~covidqu.models.task.TaskContract.export_refusal`)."""
     refusal = module.export_refusal
     if refusal is not None:
         task = (recipe.get("task") or {}).get("name")

@@ -133,7 +133,7 @@ def unreadable(path: Path, err: BaseException) -> str:
 
 def module_class(recipe: dict[str, Any]) -> type[CXRModule]:
     """The LightningModule class a checkpoint's recipe was written by: what its task may do is
-    asked of it (:attr:`~covidqu.models.base.CXRModule.class_head`, ...)."""
+    asked of it (:attr:`~covidqu.models.task.TaskContract.class_head`, ...)."""
     return get_class(recipe["module_class"])
 
 

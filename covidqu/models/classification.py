@@ -11,8 +11,9 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from covidqu.constants import CLASSES
-from covidqu.models.base import CXRModule, logits_output
+from covidqu.models.base import CXRModule
 from covidqu.models.figures import classification_panel, denormalise
+from covidqu.models.task import logits_output
 
 
 def confusion_table(matrix: Tensor | None) -> dict[str, list[dict[str, Any]]]:

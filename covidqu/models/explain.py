@@ -4,7 +4,7 @@ pytorch-grad-cam (pip ``grad-cam``) computes the maps (its ``GradCAM``) and lays
 image (its ``show_cam_on_image``). What it cannot know is said here:
 
 - which output is the class head's: the task module's
-  :meth:`~covidqu.models.base.CXRModule.class_scores` (a multitask network gives masks first);
+  :meth:`~covidqu.models.task.TaskContract.class_scores` (a multitask network gives masks first);
 - which layer to explain (:func:`find_target_layer`): the deepest feature map the class head
   reads, where it is more than one pixel (at a tiny input the last stage is 1 x 1, which
   cannot show where anything is, so the stage before it is explained);
@@ -47,7 +47,7 @@ def check_explain_mode(value: Any) -> str:
 def check_explain(value: Any, ckpt_path: Any, module_cls: type[CXRModule], task: Any) -> None:
     """Refuse ``explain=gradcam`` before anything is loaded where it cannot work: on an ensemble
     (its members' maps are of different networks) or on a task without a class head
-    (:attr:`~covidqu.models.base.CXRModule.explain_refusal` of the checkpoint's module class)."""
+    (:attr:`~covidqu.models.task.TaskContract.explain_refusal` of the checkpoint's module class)."""
     from covidqu.models.ensemble import is_ensemble
 
     if check_explain_mode(value) == "none":

@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 
 from covidqu.constants import CLASSES, TARGETS
-from covidqu.models.base import CXRModule, detached, logits_output
+from covidqu.models.base import CXRModule, detached
 from covidqu.models.figures import denormalise, segmentation_panel, tint
 from covidqu.models.kept import gather_rows
 from covidqu.models.metrics import default_class_names, per_image_scores
 from covidqu.models.postprocess import PostProcess
+from covidqu.models.task import logits_output
 from covidqu.scoring.severity import infected_share
 
 

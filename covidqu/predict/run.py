@@ -2,7 +2,7 @@
 
 Any 8- or 16-bit, gray or colour PNG / JPEG (and BMP / TIFF) of any size is read, converted
 to 8-bit gray, resized and normalised exactly as the checkpoint was trained, and predicted. What
-is written for each image is the module's to say (:meth:`~covidqu.models.base.CXRModule.
+is written for each image is the module's to say (:meth:`~covidqu.models.task.TaskContract.
 predict_outputs`): segmentation writes ``<name>_mask.png`` at the input's own size (binary:
 0 / 255; background / lung / infection: 0 / 128 / 255) and ``<name>_overlay.png``;
 classification writes an overlay captioned with the class. ``explain=gradcam`` (a model with

@@ -24,7 +24,7 @@ class ValidationMedia(pl.Callback):
     ``trainer.validate``, e.g. of the best checkpoint) it hands the tracker:
 
     - the module's pictures of the first ``num_images`` images of the first validation batch
-      (:meth:`~covidqu.models.base.CXRModule.media_panels`; segmentation: image | truth |
+      (:meth:`~covidqu.models.task.TaskContract.media_panels`; segmentation: image | truth |
       prediction panels, as the overlays of a test run are rendered);
     - where the module keeps a confusion matrix (classification): that of the epoch.
 
