@@ -13,7 +13,6 @@ neither races nor loads the disk. Batch size is per process (per device).
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -43,24 +42,10 @@ from covidqu.data.layout import (
     resolve_data_root,
     scan,
 )
-from covidqu.data.loading import (
-    EpochSampler,
-    ResumableLoader,
-    distributed_rank,
-    distributed_world,
-    eval_sampler,
-    loader_workers,
-    trains_on_cuda,
-    worker_init,
-)
+from covidqu.data.loading import ResumableLoader, build_loader, loader_workers, trains_on_cuda
 from covidqu.data.readers import PngReader, SampleReader, build_reader
 from covidqu.data.transforms import _size, build_transform
 from covidqu.errors import ConfigError
-
-
-class TrainLoader(ResumableLoader, BadFileLoader):
-    """The training loader: resumable in the middle of an epoch, and handling unreadable files
-    as ``data.on_bad_file`` says (each base class adds one of the two to the DataLoader)."""
 
 
 class COVIDQUDataModule(pl.LightningDataModule):
@@ -304,42 +289,28 @@ class COVIDQUDataModule(pl.LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------
 
     def dataloader(self, split: str, train: bool = False) -> BadFileLoader:
-        """The loader of any split, handling unreadable files as ``on_bad_file`` says.
-        ``train``: a :class:`TrainLoader` in an order fixed by ``seed`` and the epoch (shuffled,
-        or balanced), dropping the last batch as configured; otherwise order is kept."""
+        """The loader of any split (:func:`~covidqu.data.loading.build_loader`); ``train``: a
+        :class:`~covidqu.data.loading.TrainLoader` placed where a resumed run left its epoch."""
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        ds = self.datasets[split]
-        world = distributed_world()
-        workers = self.num_workers
-        kwargs: dict[str, Any] = {"num_workers": workers}
-        if workers > 0:
-            kwargs["persistent_workers"] = self.persistent_workers
-            kwargs["prefetch_factor"] = 4
-            kwargs["worker_init_fn"] = partial(worker_init, rank=distributed_rank())
-        kwargs["pin_memory"] = self.pin_memory and torch.cuda.is_available()
-        kwargs.update(bad_files=self.bad_files, split=split, training=train)
-        if not train:
-            sampler = eval_sampler(ds, split, world) if world > 1 else None
-            return BadFileLoader(ds, batch_size=self.eval_batch_size, sampler=sampler, **kwargs)
-        weights = None
-        if self.balanced_sampler:
-            counts = Counter(ds.labels)
-            weights = [1.0 / counts[y] for y in ds.labels]
-        sampler = EpochSampler(
-            ds, seed=self.seed, weights=weights, num_replicas=world, rank=distributed_rank()
+        loader = build_loader(
+            self.datasets[split],
+            split,
+            train=train,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            bad_files=self.bad_files,
+            seed=self.seed,
+            balanced=self.balanced_sampler,
+            drop_last=self.drop_last,
         )
-        loader = TrainLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=self.drop_last and len(ds) > self.batch_size,
-            **kwargs,
-        )
-        if self._train_position is not None:
-            loader.load_state_dict(self._train_position)
-            self._train_position = None
-        self._train_loader = loader
+        if isinstance(loader, ResumableLoader):
+            if self._train_position is not None:
+                loader.load_state_dict(self._train_position)
+                self._train_position = None
+            self._train_loader = loader
         return loader
 
     # -- resuming ------------------------------------------------------------------------------

@@ -6,14 +6,17 @@ where inside an epoch a plain DataLoader was: a resumed run would start that epo
 fresh shuffle. Here the order of every epoch is a function of the seed and the epoch alone
 (:class:`EpochSampler`), and the loader counts the batches it handed to the training loop
 (:class:`ResumableLoader`), so a resumed run sees the rest of the interrupted epoch, in the same
-order, and every later epoch as an uninterrupted run would.
+order, and every later epoch as an uninterrupted run would. :func:`build_loader` assembles the
+loader of every split from the DataModule's settings: samplers, workers, pinning, bad files.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,6 +24,7 @@ from lightning_fabric.utilities.seed import pl_worker_init_function
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from covidqu.data.badfiles import BadFileLoader, BadFileLog
 from covidqu.errors import DataError
 
 #: ``data.num_workers=auto`` gives at most this many loader processes per device.
@@ -179,3 +183,53 @@ def trains_on_cuda(trainer: Any) -> bool:
     from pytorch_lightning.accelerators import CUDAAccelerator
 
     return trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)
+
+
+class TrainLoader(ResumableLoader, BadFileLoader):
+    """The training loader: resumable in the middle of an epoch, and handling unreadable files
+    as ``data.on_bad_file`` says (each base class adds one of the two to the DataLoader)."""
+
+
+def build_loader(
+    ds: Dataset,
+    split: str,
+    *,
+    train: bool,
+    batch_size: int,
+    num_workers: int,
+    persistent_workers: bool,
+    pin_memory: bool,
+    bad_files: BadFileLog,
+    seed: int,
+    balanced: bool,
+    drop_last: bool,
+) -> BadFileLoader:
+    """The loader of ``split``, handling unreadable files as ``bad_files`` says. ``train``: a
+    :class:`TrainLoader` in an order fixed by ``seed`` and the epoch (shuffled, or drawn with
+    equal probability per class where ``balanced``), each process its share, dropping the last
+    incomplete batch where ``drop_last`` and the split holds more than one; otherwise the
+    split's order is kept (each process a contiguous share under DDP)."""
+    world = distributed_world()
+    kwargs: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory}
+    if num_workers > 0:
+        kwargs["persistent_workers"] = persistent_workers
+        kwargs["prefetch_factor"] = 4
+        kwargs["worker_init_fn"] = partial(worker_init, rank=distributed_rank())
+    kwargs.update(bad_files=bad_files, split=split, training=train)
+    if not train:
+        sampler = eval_sampler(ds, split, world) if world > 1 else None
+        return BadFileLoader(ds, batch_size=batch_size, sampler=sampler, **kwargs)
+    weights = None
+    if balanced:
+        counts = Counter(ds.labels)
+        weights = [1.0 / counts[y] for y in ds.labels]
+    sampler = EpochSampler(
+        ds, seed=seed, weights=weights, num_replicas=world, rank=distributed_rank()
+    )
+    return TrainLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last and len(ds) > batch_size,
+        **kwargs,
+    )
