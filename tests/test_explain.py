@@ -16,7 +16,13 @@ from covidqu.data.transforms import build_transform
 from covidqu.errors import ConfigError
 from covidqu.eval.run import evaluate
 from covidqu.models.checkpoint import load_module, preprocessing
-from covidqu.models.explain import GradCam, explained_classes, find_target_layer, gradcam_for
+from covidqu.models.explain import (
+    GradCam,
+    explained_classes,
+    find_target_layer,
+    find_token_layer,
+    gradcam_for,
+)
 from covidqu.predict.run import predict
 from covidqu.runtime.checks import preflight
 from covidqu.runtime.inputs import prepare, read_input
@@ -177,9 +183,42 @@ def test_an_ensemble_is_refused(trained_run, synth_root: Path, tmp_path: Path):
         preflight(cfg, "eval", tmp_path / "run", [])
 
 
-def test_a_vision_transformer_is_refused_by_name():
+def test_a_vision_transformer_is_explained_on_its_patch_grid():
+    """model=vit: the maps are of the patch tokens entering the last block's attention, laid
+    back on the 4 x 4 grid of 8 px patches and brought to the input's size; they differ by
+    class and by image, as a convolutional network's do."""
+    from torchmetrics import MetricCollection
+
+    from covidqu.models.classification import ClassificationModule
     from covidqu.models.networks import build_classifier
 
+    torch.manual_seed(0)
     vit = build_classifier("vit_tiny_patch16_224", weights=None, img_size=32, patch_size=8)
+    module = ClassificationModule(net=vit.eval(), loss=None, metrics=MetricCollection([]))
+    gradcam = GradCam(module, 32)
+    assert gradcam.layer_name == f"blocks.{len(vit.blocks) - 1}.norm1"
+    x = torch.randn(3, 1, 32, 32)
+    with torch.inference_mode():  # as predict and eval run
+        maps = [gradcam(x, [c] * 3) for c in range(len(CLASSES))]
+    assert maps[0].shape == (3, 32, 32)
+    assert all(m.std() > 0.1 for m in maps[0]), "a constant map"
+    assert max(np.abs(maps[0] - maps[1]).max(axis=(1, 2))) > 0.3, "the same map for every class"
+    assert np.abs(maps[0][0] - maps[0][1]).max() > 0.3, "the same map for every image"
+    # each patch token goes to its own place on the grid; the class token to none
+    _, _, to_maps = find_token_layer(vit, x)
+    tokens = torch.arange(1 + 16, dtype=torch.float32)[None, :, None].expand(2, 17, 5)
+    grid = to_maps(tokens)
+    assert grid.shape == (2, 5, 4, 4)
+    assert grid[0, 0].tolist() == [[1 + 4 * row + col for col in range(4)] for row in range(4)]
+    # one patch sees nothing of where: refused, naming the input size
+    small = build_classifier("vit_tiny_patch16_224", weights=None, img_size=16)
+    with pytest.raises(ConfigError, match=r"sees its input \(16, 16\) as one patch"):
+        GradCam(ClassificationModule(net=small, loss=None, metrics=MetricCollection([])), 16)
+
+
+def test_a_token_network_other_than_a_vit_is_refused_by_name():
+    from covidqu.models.networks import build_classifier
+
+    mixer = build_classifier("mixer_s16_224", weights=None, img_size=32)  # tokens, no class token
     with pytest.raises(ConfigError, match="explain=gradcam explains a convolutional feature map"):
-        find_target_layer(vit.eval(), torch.zeros(1, 1, 32, 32))
+        find_target_layer(mixer.eval(), torch.zeros(1, 1, 32, 32))

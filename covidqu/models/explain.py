@@ -7,7 +7,10 @@ image (its ``show_cam_on_image``). What it cannot know is said here:
   :meth:`~covidqu.models.task.TaskContract.class_scores` (a multitask network gives masks first);
 - which layer to explain (:func:`find_target_layer`): the deepest feature map the class head
   reads, where it is more than one pixel (at a tiny input the last stage is 1 x 1, which
-  cannot show where anything is, so the stage before it is explained);
+  cannot show where anything is, so the stage before it is explained); for a vision
+  transformer (timm's, ``model=vit``), the input of its last block's attention, whose patch
+  tokens are laid back on their grid (:func:`find_token_layer`): the class token reads them
+  there, and no later layer passes patch tokens to the head;
 - that gradients are needed where ``predict`` and ``eval`` run under ``torch.inference_mode``:
   :meth:`GradCam.__call__` turns them on for itself alone.
 
@@ -18,7 +21,7 @@ included); the map is of the network's own forward pass on the image as given.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -98,9 +101,9 @@ def _channels_first(x: Any, channels: int | None) -> bool:
 
 
 def find_target_layer(net: nn.Module, x: Tensor) -> tuple[str, nn.Module]:
-    """The name and module of the layer Grad-CAM explains (see the module docstring), found by
-    one pass of ``x`` through the network; a :class:`ConfigError` where there is none (a
-    vision transformer's tokens, an input too small)."""
+    """The name and module of the convolutional layer Grad-CAM explains (see the module
+    docstring), found by one pass of ``x`` through the network; a :class:`ConfigError` where
+    there is none (tokens, an input too small). Vision transformers: :func:`find_token_layer`."""
     net = eager(net)
     names = {m: name for name, m in net.named_modules() if name}
     calls: Counter[str] = Counter()
@@ -124,9 +127,10 @@ def find_target_layer(net: nn.Module, x: Tensor) -> tuple[str, nn.Module]:
     if not (isinstance(last, Tensor) and last.dim() == 4):
         raise ConfigError(
             "explain=gradcam explains a convolutional feature map (B x C x H x W), and this "
-            "network's class head reads other features (a vision transformer's tokens, or "
-            "channels-last maps): drop explain=gradcam, or explain a convolutional network "
-            "(e.g. model=classifier encoder=resnet34)"
+            "network's class head reads other features (channels-last maps, or tokens of a "
+            "transformer other than timm's vision transformer): drop explain=gradcam, or "
+            "explain a convolutional network (e.g. model=classifier encoder=resnet34) or "
+            "model=vit"
         )
     wide = [m for m in maps if isinstance(m, Tensor) and m.dim() == 4 and m.shape[-2:].numel() > 1]
     if not wide:
@@ -146,6 +150,46 @@ def find_target_layer(net: nn.Module, x: Tensor) -> tuple[str, nn.Module]:
             "explain a convolutional encoder (e.g. encoder=resnet34)"
         )
     return found[-1], net.get_submodule(found[-1])
+
+
+def find_token_layer(
+    net: nn.Module, x: Tensor
+) -> tuple[str, nn.Module, Callable[[Tensor], Tensor]] | None:
+    """For a timm vision transformer, the layer Grad-CAM explains (the norm before its last
+    block's attention) and how that layer's tokens, ``B x (prefix + h * w) x C``, become maps
+    ``B x C x h x w`` (the class and register tokens left out); checked by one pass of ``x``.
+    ``None`` for a network of another kind."""
+    net = eager(net)
+    blocks, embed = getattr(net, "blocks", None), getattr(net, "patch_embed", None)
+    prefix = getattr(net, "num_prefix_tokens", None)
+    if not (isinstance(blocks, nn.Sequential) and len(blocks) and prefix is not None):
+        return None
+    norm, patch = getattr(blocks[-1], "norm1", None), getattr(embed, "patch_size", None)
+    if not isinstance(norm, nn.Module) or patch is None:
+        return None
+    grid = (x.shape[-2] // patch[0], x.shape[-1] // patch[1])
+    seen: list[tuple[int, ...]] = []
+    handle = norm.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        handle.remove()
+    if len(seen) != 1 or seen[0][1] != int(prefix) + grid[0] * grid[1]:
+        return None  # not tokens on this grid: find_target_layer says why it cannot explain it
+    if grid[0] * grid[1] < 2:
+        raise ConfigError(
+            f"explain=gradcam: this vision transformer sees its input {tuple(x.shape[-2:])} as "
+            f"one patch, which shows no place: explain a model trained on larger images "
+            "(data.image_size)"
+        )
+
+    def to_maps(tokens: Tensor) -> Tensor:
+        patches = tokens[:, int(prefix) :]
+        return patches.reshape(patches.shape[0], *grid, patches.shape[-1]).permute(0, 3, 1, 2)
+
+    name = next(n for n, m in net.named_modules() if m is norm)
+    return name, norm, to_maps
 
 
 class ClassScores(nn.Module):
@@ -179,7 +223,13 @@ class GradCam:
         probe = torch.zeros(1, int(in_channels), int(h), int(w), device=device)
         if module.runs_channels_last:
             probe = probe.contiguous(memory_format=torch.channels_last)
-        self.layer_name, self.layer = find_target_layer(module.net, probe)
+        #: How the layer's output becomes ``B x C x h x w`` maps, where it is tokens (a ViT).
+        self.reshape: Callable[[Tensor], Tensor] | None = None
+        tokens = find_token_layer(module.net, probe)
+        if tokens is not None:
+            self.layer_name, self.layer, self.reshape = tokens
+        else:
+            self.layer_name, self.layer = find_target_layer(module.net, probe)
 
     def __call__(self, x: Tensor, classes: Sequence[int]) -> np.ndarray:
         """``B x H x W`` maps in [0, 1] at the input's size, of ``classes`` (one per image)."""
@@ -190,7 +240,11 @@ class GradCam:
         with torch.inference_mode(False), torch.enable_grad():
             # a tensor made under inference_mode cannot enter autograd; its copy made here can
             x = x.detach().clone()
-            cam = GradCAM(model=ClassScores(self.module), target_layers=[self.layer])
+            cam = GradCAM(
+                model=ClassScores(self.module),
+                target_layers=[self.layer],
+                reshape_transform=self.reshape,
+            )
             try:
                 return cam(input_tensor=x, targets=targets)
             finally:
