@@ -188,6 +188,23 @@ def test_classifier_weights_file_is_refused(tmp_path, marker):
     assert_refused(err.value, "encoder.weights", weights)
 
 
+@pytest.mark.parametrize("asked", [None, False])
+def test_the_trainer_reads_every_file_weights_only_whatever_a_caller_asks(
+    asked, poisoned, marker, lung_run
+):
+    """The trainer's checkpoint plugin: a resume, and the state Lightning's LR finder saves and
+    restores (which asks for torch's default, unpickling anything under the variable set here)."""
+    import pickle
+
+    from covidqu.runtime.checkpoint_io import AtomicCheckpointIO
+
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        AtomicCheckpointIO().load_checkpoint(poisoned, weights_only=asked)
+    assert not marker.exists()
+    ckpt = AtomicCheckpointIO().load_checkpoint(lung_run / "checkpoints" / "last.ckpt")
+    assert ckpt["optimizer_states"]  # a covidqu checkpoint still reads whole
+
+
 def test_a_refused_resume_ends_the_command_cleanly(synth_root, tmp_path, poisoned, marker, capsys):
     """What ``python -m covidqu.train ckpt_path=...`` runs: the message, exit 2, no traceback."""
     cfg = compose_config("train", tiny(synth_root, f"ckpt_path={poisoned}"), tmp_path / "run")

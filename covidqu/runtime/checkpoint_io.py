@@ -47,8 +47,19 @@ def holds_training_state(checkpoint: Mapping[str, Any]) -> bool:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's :class:`TorchCheckpointIO`, except that a checkpoint is written atomically
     (a :class:`~covidqu.files.DiskFullError` when it does not fit), without
-    :data:`TRAINING_STATE` when a :class:`WeightsCheckpoint` writes it; loading and removing
-    are Lightning's own."""
+    :data:`TRAINING_STATE` when a :class:`WeightsCheckpoint` writes it, and read with
+    ``weights_only=True`` whoever asks; removing is Lightning's own."""
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Any = lambda storage, loc: storage,  # Lightning's: where it was saved
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        # Every file Lightning reads through the trainer: a resume, and also the state its LR
+        # finder saved and restores (it asks for torch's default, which an environment variable
+        # can turn into unpickling anything). A covidqu checkpoint holds tensors and plain values.
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
