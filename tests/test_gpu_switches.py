@@ -98,6 +98,25 @@ def test_the_default_converts_the_network_once_the_device_is_known():
     assert contiguous(module.net) and not module.runs_channels_last
 
 
+def test_the_averaged_copy_of_ema_true_has_the_layout_of_the_training_device(monkeypatch):
+    """Lightning's weight averaging copies the module in its own setup, before the module's
+    setup converts the network: the copy must still be made in the training device's layout.
+    Here the CPU plays a CUDA device (where the default turns channels-last on)."""
+    from types import SimpleNamespace
+
+    import covidqu.models.base as base
+    from covidqu.runtime.callbacks import EMA
+
+    monkeypatch.setattr(base, "channels_last_on", lambda setting, device: setting is not False)
+    module = tiny_module()  # channels_last=None: the device decides
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=CPU))
+    ema = EMA(decay=0.9)
+    ema.setup(trainer, module, "fit")
+    assert channels_last(ema._average_model.module.net)
+    module.setup("fit")
+    assert channels_last(module.net) and module.runs_channels_last
+
+
 @pytest.mark.parametrize("setting, layout", [(True, channels_last), (False, contiguous)])
 def test_true_and_false_force_the_layout_on_any_device(setting, layout):
     module = tiny_module(channels_last=setting)

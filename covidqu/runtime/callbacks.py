@@ -204,7 +204,10 @@ class EMA(EMAWeightAveraging):
       nothing: a checkpoint's ``state_dict`` already is the average. Lightning's would load the
       raw weights into the module there, and ``trainer.test`` would score those;
     - the average lives on the training device: Lightning's takes the module's device at
-      ``setup``, which is still the CPU before the strategy moves the module to a GPU.
+      ``setup``, which is still the CPU before the strategy moves the module to a GPU; and in
+      the memory format the network has there (``module.channels_last``): this setup runs
+      before the module's own, which converts the network, so the copy would stay contiguous
+      and validation with it would run in the slower format.
 
     Args:
         decay: the weight of the average at each update (``ema_decay``), in (0, 1).
@@ -219,6 +222,9 @@ class EMA(EMAWeightAveraging):
             self._average_model = None  # a checkpoint loaded now holds the average already
             return
         self._device = trainer.strategy.root_device
+        follow_device = getattr(pl_module, "follow_device", None)  # a covidqu module's
+        if callable(follow_device):
+            follow_device(self._device)
         super().setup(trainer, pl_module, stage)
 
     def on_load_checkpoint(
