@@ -21,9 +21,11 @@ from covidqu.data.folds import fold_split
 from covidqu.data.layout import scan
 from covidqu.data.synth import generate
 from covidqu.errors import ConfigError
+from covidqu.eval.run import evaluate
 from covidqu.report import main as report_main
+from covidqu.runtime.checks import preflight
 
-from pipeline_helpers import TINY, read_csv, read_metrics, run_module
+from pipeline_helpers import TINY, compose_config, read_csv, read_metrics, run_module
 
 #: Synthetic CXRs are smooth and alike: distinct ones are 34+ bits apart (real ones, where the
 #: default 52 was chosen, spread far wider), so these tests pair at 16 bits.
@@ -298,3 +300,23 @@ def test_a_two_fold_sweep_records_its_folds_and_the_report_gives_mean_and_std(
         assert float(mean[key]) == pytest.approx((a + b) / 2, rel=1e-3, abs=1e-4)
         assert float(std[key]) == pytest.approx(abs(a - b) / math.sqrt(2), rel=1e-3, abs=1e-4)
     assert "data.fold" not in rows[0]  # the fold column says it, once
+
+    # eval of a fold's checkpoint: split=val is the fold it validated on, not the official Val
+    best = [j / m["best_checkpoint"] for j, m in zip(jobs, metrics, strict=True)]
+    ev = out.parent / "eval"
+    common = [f"data.root={synth_root}", f"data.cache_dir={out.parent}", "data.num_workers=0"]
+    scored = evaluate(compose_config("eval", [f"ckpt_path={best[1]}", "split=val", *common], ev))
+    fold = _module(synth_root, out.parent, num_folds=2, fold=1).split_samples("val")
+    assert {r["id"] for r in read_csv(ev / "per_image.csv")} == {s.id for s in fold}
+    assert (scored["num_folds"], scored["fold"]) == (2, 1)
+    # an ensemble of both folds has no held-out Val: refused before anything is read
+    both = f"ckpt_path=[{best[0]},{best[1]}]"
+    cfg = compose_config("eval", [both, "split=val", *common], out.parent / "eval-both")
+    with pytest.raises(ConfigError, match=r"split=val: the members of ckpt_path were validated"):
+        preflight(cfg, "eval", out.parent / "eval-both", [])
+    preflight(
+        compose_config("eval", [both, *common], out.parent / "eval-both"),
+        "eval",
+        out.parent / "eval-both",
+        [],
+    )

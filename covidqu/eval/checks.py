@@ -10,9 +10,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from covidqu.runtime.checks import (
-    check_checkpoints,
     check_output_dir,
     check_values,
+    checkpoint_recipes,
     refuse_empty_lists,
     require,
 )
@@ -26,7 +26,8 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] = ()) -> None
     check_values(cfg, "eval")
     refuse_empty_lists(cfg, "ckpt_path")
     require(cfg, ["ckpt_path"], USAGE)
-    recipe = check_checkpoints(cfg.ckpt_path, "ckpt_path")
+    recipes = checkpoint_recipes(cfg.ckpt_path, "ckpt_path")
+    recipe = recipes[0]
     if cfg.get("calibrate"):
         from covidqu.eval.calibrate import check_calibrate
 
@@ -37,8 +38,16 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] = ()) -> None
     task = (recipe.get("task") or {}).get("name")
     check_explain(cfg.get("explain", "none"), cfg.ckpt_path, module_class(recipe), task)
     check_output_dir(out_dir, "hydra.run.dir")
-    from covidqu.eval.split import datamodule_for
+    from covidqu.eval.split import datamodule_for, fold_settings
 
+    folds = fold_settings([r["preprocess"] for r in recipes], cfg.split)
     with user_errors():
-        datamodule = datamodule_for(recipe["preprocess"], cfg.data.get("root"))
-    datamodule.split_samples(cfg.split)  # the tree, and the split in it
+        datamodule = datamodule_for(
+            recipe["preprocess"],
+            cfg.data.get("root"),
+            cache_dir=cfg.data.get("cache_dir"),
+            folds=folds,
+        )
+    datamodule.split_samples(
+        cfg.split
+    )  # a fold's: hashed here once, into the cache folder  # the tree, and the split in it

@@ -11,13 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from covidqu.eval.calibrate import calibrate, check_calibrate, device_of
 from covidqu.eval.checks import USAGE
 from covidqu.eval.explain import GradCamWriter
-from covidqu.eval.split import SplitAsTest, datamodule_for
+from covidqu.eval.split import SplitAsTest, datamodule_for, fold_settings
 from covidqu.models.checkpoint import preprocessing
-from covidqu.models.ensemble import (
-    describe,
-    load_model,
-    temperatures,
-)
+from covidqu.models.ensemble import EnsembleNet, describe, load_model, temperatures
 from covidqu.models.explain import check_explain, check_explain_mode, gradcam_for
 from covidqu.models.postprocess import apply_config, post_figures
 from covidqu.models.tta import check_tta
@@ -63,9 +59,12 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     explain = cfg.get("explain", "none")
     check_explain(explain, cfg.ckpt_path, type(module), module.recipe.get("task", {}).get("name"))
     gradcam = gradcam_for(module, explain, pre)  # refused here, before the split is read
+    members = module.net.members if isinstance(module.net, EnsembleNet) else [module]
+    folds = fold_settings([preprocessing(m) for m in members], split)
     datamodule = datamodule_for(
         pre,
         cfg.data.get("root"),
+        folds=folds,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         limit_per_class=cfg.data.get("limit_per_class"),
@@ -74,6 +73,13 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
         cache_dir=cfg.data.get("cache_dir"),
         normalise=cfg.data.get("normalise", "auto"),
     )
+    if folds.get("num_folds") is not None:
+        log.info(
+            "the checkpoint validated on fold %s of %s of Train + Val: split=val is that fold, "
+            "split=train the others",
+            folds.get("fold"),
+            folds["num_folds"],
+        )
     fitted: dict[str, Any] = {}
     if cfg.get("calibrate"):
         fitted = calibrate(module, datamodule, cfg.ckpt_path, device_of(cfg.trainer))
@@ -92,6 +98,7 @@ def _evaluate(cfg: DictConfig, split: str, out_dir: Path) -> dict[str, Any]:
     metrics["monitor"] = module.recipe.get("task", {}).get("monitor")
     metrics.update(describe(cfg.ckpt_path))
     metrics["split"] = split
+    metrics.update({k: folds[k] for k in ("num_folds", "fold") if k in folds})
     metrics["tta"] = tta
     metrics["explain"] = explain
     metrics["temperature"] = temperatures(module)

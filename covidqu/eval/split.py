@@ -1,13 +1,51 @@
 """What an evaluation reads: the DataModule a checkpoint was trained with, on the data asked
-for, and any of its splits served as Lightning's test split."""
+for, and any of its splits served as Lightning's test split.
+
+A checkpoint trained on a fold of Train + Val (``data.num_folds``) is evaluated on its own
+folds: ``split=val`` is the fold it validated on, ``split=train`` the others, and
+``calibrate=true`` fits its temperature on that fold (the official Val is, in part, what it
+trained on). An ensemble whose members validated on different folds has no such split: every
+image of Train + Val was trained on by one of them, so only ``split=test`` scores it."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import get_class
+
+from covidqu.errors import ConfigError
+
+#: What a checkpoint's recipe says of the folds it was trained and validated on (``None``
+#: throughout for the official Train / Val; a checkpoint older than a key lacks it).
+FOLD_KEYS = ("num_folds", "fold", "fold_seed", "duplicate_distance")
+
+
+def fold_settings(
+    pres: Sequence[Mapping[str, Any]], split: str, key: str = "ckpt_path"
+) -> dict[str, Any]:
+    """The DataModule's fold arguments for checkpoints of preprocessing ``pres`` (one, or an
+    ensemble's members), evaluated on ``split``: their folds where they share them; for an
+    ensemble whose members differ, none (only ``test`` is then held out from all of them, and
+    ``train`` or ``val`` is refused, naming the folds)."""
+    settings = [{k: pre.get(k) for k in FOLD_KEYS if pre.get(k) is not None} for pre in pres]
+    if all(s == settings[0] for s in settings):
+        return dict(settings[0])
+    if split in ("train", "val"):
+        folds = ", ".join(
+            f"fold {s.get('fold')} of {s.get('num_folds')}"
+            if s.get("num_folds")
+            else "the official Val"
+            for s in settings
+        )
+        raise ConfigError(
+            f"split={split}: the members of {key} were validated on different splits of Train + "
+            f"Val ({folds}), so every image of it was trained on by one of them: evaluate "
+            f"split=test, or each member on its own ({key}=A.ckpt split={split})"
+        )
+    return {}
 
 
 def datamodule_for(
@@ -20,12 +58,16 @@ def datamodule_for(
     cache: str = "none",
     cache_dir: str | None = None,
     normalise: str = "auto",
+    folds: Mapping[str, Any] | None = None,
 ) -> pl.LightningDataModule:
     """The DataModule a checkpoint was trained with, on ``root`` (else its training root).
 
-    Size, normalisation and target come from the checkpoint; only where the data is and how
-    it is loaded come from the caller.
+    Size, normalisation and target come from the checkpoint, and its folds (``folds``: from
+    :func:`fold_settings`; ``None`` takes them from ``recipe_pre``); only where the data is and
+    how it is loaded come from the caller.
     """
+    if folds is None:
+        folds = fold_settings([recipe_pre], "test")
     root = root or os.environ.get("COVIDQU_ROOT") or recipe_pre.get("data_root")
     cls = get_class(recipe_pre["datamodule"])
     return cls(
@@ -42,6 +84,7 @@ def datamodule_for(
         cache=cache,
         cache_dir=cache_dir,
         normalise=normalise,
+        **folds,
     )
 
 

@@ -370,12 +370,18 @@ def check_checkpoint(path: Any, key: str) -> dict[str, Any]:
 def check_checkpoints(value: Any, key: str) -> dict[str, Any]:
     """The recipe of the checkpoint, or of the first of an ensemble's, named by ``key`` (one
     path or a list); an ensemble's members must share task and preprocessing."""
+    return checkpoint_recipes(value, key)[0]
+
+
+def checkpoint_recipes(value: Any, key: str) -> list[dict[str, Any]]:
+    """The recipes of the checkpoints ``key`` names (one, or an ensemble's, checked as
+    :func:`check_checkpoints` checks them)."""
     from covidqu.models.ensemble import check_members, checkpoint_paths
 
     paths = checkpoint_paths(value, key)
     recipes = [check_checkpoint(p, key) for p in paths]
     check_members(recipes, paths, key)
-    return recipes[0]
+    return recipes
 
 
 def refuse_empty_lists(cfg: DictConfig, *keys: str) -> None:

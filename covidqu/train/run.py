@@ -94,6 +94,7 @@ def make_recipe(
             "num_folds": getattr(datamodule, "num_folds", None),
             "fold": getattr(datamodule, "fold", None),
             "fold_seed": getattr(datamodule, "fold_seed", None),
+            "duplicate_distance": getattr(datamodule, "duplicate_distance", None),
         },
         "schedule": {"settings": steps_from},
         # the masks' post-processing; postprocess=auto writes its choice in once it is made
