@@ -224,6 +224,10 @@ def test_notices_a_user_cannot_act_on_are_silenced_and_others_kept(caplog):
     caplog.set_level(logging.INFO)
     lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     lightning.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+    lightning.info(
+        "Trainer already configured with model summary callbacks: [RichModelSummary]. "
+        "Skipping setting a default `ModelSummary` callback."
+    )
     lightning.info("GPU available: False, used: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
 

@@ -27,6 +27,9 @@ RECORDS = (
     # printed by every trainer a run builds.
     ("pytorch_lightning.utilities.rank_zero", "💡 Tip:"),
     ("lightning_fabric.utilities.rank_zero", "💡 Tip:"),
+    # Lightning's remark that it adds no summary of its own beside the one covidqu's callbacks
+    # configure (callbacks.model_summary): about covidqu's choice, at every fit.
+    ("pytorch_lightning.utilities.rank_zero", "Trainer already configured with model summary"),
 )
 
 
