@@ -134,6 +134,18 @@ def test_a_wide_table_keeps_eight_columns_within_the_terminal(
     assert len(table[0]) >= 27
     chosen = terminal_columns(table, 100)
     assert chosen[:5] == ["val/dice", "run", "model", "loss", "status"] and len(chosen) == 8
+    # the monitored metric's test figure beside it, where the runs have one (an eval has no
+    # other: it scores the test split)
+    for row in table:
+        row["test/dice"] = row["val/dice"] - 0.05
+    assert terminal_columns(table, 100)[:6] == [
+        "val/dice",
+        "test/dice",
+        "run",
+        "model",
+        "loss",
+        "status",
+    ]
     print_table(table, "wide")
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 100

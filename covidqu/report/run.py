@@ -286,9 +286,10 @@ def ordered_columns(table: Sequence[dict[str, Any]]) -> list[str]:
 def terminal_columns(
     table: Sequence[dict[str, Any]], width: int | None = None, limit: int = TERMINAL_COLUMNS
 ) -> list[str]:
-    """At most ``limit`` columns: the monitored metric first, then the run, what varies and
-    its status; then the others in the files' order while the table stays within ``width``
-    characters (``monitor`` only where runs differ in it)."""
+    """At most ``limit`` columns: the monitored metric first and its test figure (an eval
+    run's only one), then the run, what varies and its status; then the others in the files'
+    order while the table stays within ``width`` characters (``monitor`` only where runs
+    differ in it)."""
     columns = [c for c in ordered_columns(table) if c != "error"]
     monitors = [m for m in dict.fromkeys(r.get("monitor") for r in table) if m in columns]
     first = [*monitors[:1], "run", *varying(table), "status"]
@@ -300,6 +301,11 @@ def terminal_columns(
         return max(len(c), *(len(cell(r.get(c))) for r in table)) + 3
 
     used = 1 + sum(span(c) for c in chosen)
+    tested = [f"test/{m.split('/', 1)[1]}" for m in monitors[:1] if m.startswith("val/")]
+    for c in tested:  # beside the monitored metric (long cells of others wrap to make room)
+        if c in columns and len(chosen) < limit:
+            chosen.insert(1, c)
+            used += span(c)
     for c in columns:
         if len(chosen) >= limit:
             break
