@@ -204,6 +204,30 @@ def test_the_data_default_is_auto(synth_root, tmp_path, monkeypatch):
     assert instantiate(cfg.data).num_workers == 1  # two cores: one for training, one loader
 
 
+def test_predict_and_analyze_fit_their_workers_too(
+    trained_run: Callable[[str], Path], synth_root: Path, tmp_path: Path, monkeypatch
+):
+    """predict read images with 4 loader processes on any machine (torch warned of them on
+    two cores); it and analyze take auto as the training data does."""
+    import covidqu.predict.run as predict_run
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert compose_config("predict", [], tmp_path).num_workers == "auto"
+    assert compose_config("analyze", [], tmp_path).data.num_workers == "auto"
+    seen: list[int] = []
+    real = predict_run.input_loader
+
+    def spy(files, pre, batch_size, workers, pin):
+        seen.append(workers)
+        return real(files, pre, batch_size, workers, pin)
+
+    monkeypatch.setattr(predict_run, "input_loader", spy)
+    folder = synth_root / "Lung Segmentation Data" / "Lung Segmentation Data" / "Test" / "Normal"
+    ckpt = trained_run("lung") / "checkpoints" / "best.ckpt"
+    rows = predict_run.predict(ckpt, folder / "images", tmp_path / "out", num_workers="auto")
+    assert rows and seen == [1]  # two cores: one for this process, one loader
+
+
 # -- third-party notices ---------------------------------------------------------------------------
 
 

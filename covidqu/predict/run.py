@@ -28,7 +28,7 @@ from tqdm import tqdm
 from covidqu.constants import CLASSES
 from covidqu.data.badfiles import BadFile
 from covidqu.data.layout import DataError
-from covidqu.data.loading import worker_init
+from covidqu.data.loading import loader_workers, worker_init
 from covidqu.data.transforms import build_transform
 from covidqu.models.checkpoint import preprocessing
 from covidqu.models.ensemble import load_model
@@ -116,7 +116,7 @@ def predict(
     batch_size: int = 16,
     device: str = "auto",
     recursive: bool = False,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     progress_bar: bool = True,
     tta: str = "none",
     postprocess: Mapping[str, Any] | None = None,
@@ -153,7 +153,11 @@ def predict(
     out = Path(output).expanduser()
     names = output_names(files)
     loader = input_loader(
-        files, preprocessing(module), batch_size, num_workers, pin=device.startswith("cuda")
+        files,
+        preprocessing(module),
+        batch_size,
+        loader_workers(num_workers),  # auto: fitted to the cores
+        pin=device.startswith("cuda"),
     )
     rows: list[dict[str, Any]] = []
     bar = tqdm(

@@ -221,7 +221,12 @@ RULES: tuple[Rule, ...] = (
     Rule("tune.apply", _bool, "true or false", "tune.apply=true"),
     Rule("callbacks.early_stopping.patience", _int_at_least(0), "an integer >= 0", "20"),
     Rule("batch_size", _int_at_least(1), "an integer >= 1", "batch_size=16"),
-    Rule("num_workers", _int_at_least(0), "an integer >= 0", "num_workers=4"),
+    Rule(
+        "num_workers",
+        lambda x: x == "auto" or _int_at_least(0)(x),
+        "auto or an integer >= 0",
+        "num_workers=auto",
+    ),
     Rule("num_overlays", _int_at_least(0), "an integer >= 0", "num_overlays=16"),
     Rule("num_worst", _int_at_least(0), "an integer >= 0", "num_worst=12"),
     Rule("split", _one_of("test", "val", "train"), "test, val or train", "split=val", ("eval",)),
