@@ -437,3 +437,17 @@ def test_a_finder_run_is_tuned_not_unfinished(
     _tune_run(applied, apply=True, optimizer="adam", suggestion=0.003)
     (run,) = find_runs(applied)
     assert run.status == "incomplete"  # it trains after the finder: no metrics.json yet
+
+
+def test_hyperparameters_are_plotted_where_they_vary_among_scored_runs() -> None:
+    """A training run and an eval of its checkpoint differ in ckpt_path, which compares
+    nothing (the eval has no val/dice); a run that scored 0 is a point like any other."""
+    from covidqu.report.figures import hyperparameter_plots
+
+    table = [
+        {"run": "0", "loss": "dice", "ckpt_path": "", "val/dice": 0.0},
+        {"run": "1", "loss": "bce", "ckpt_path": "", "val/dice": 0.8},
+        {"run": "eval", "loss": "", "ckpt_path": "1/best.ckpt", "val/dice": None},
+    ]
+    plots = hyperparameter_plots(table, ["loss", "ckpt_path"], "val/dice")
+    assert [title for title, _ in plots] == ["val/dice by loss"]

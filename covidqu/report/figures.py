@@ -112,13 +112,19 @@ def learning_curves(series: Mapping[str, dict[int, float]], monitor: str | None)
 def hyperparameter_plots(
     table: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str
 ) -> list[tuple[str, bytes]]:
-    """One plot per varying hyperparameter: its value against ``metric``, one point per run
-    (numbers on a numeric axis, anything else as categories)."""
+    """One plot per hyperparameter that varies among the runs with a score: its value against
+    ``metric``, one point per run (numbers on a numeric axis, anything else as categories). A
+    key that varies only between scored and unscored runs (a training run and an eval of its
+    checkpoint, told apart by ``ckpt_path``) compares nothing and has no plot."""
     out = []
     for key in keys:
         points = [(row.get(key), number(row.get(metric))) for row in table]
-        points = [(str(x) if x not in (None, "") else "(default)", y) for x, y in points if y]
-        if not points:
+        points = [
+            (str(x) if x not in (None, "") else "(default)", y)
+            for x, y in points
+            if y is not None  # a score of 0 is a point
+        ]
+        if len({x for x, _ in points}) < 2:
             continue
         fig = figure(4.0, 3.2)
         ax = fig.add_subplot()
