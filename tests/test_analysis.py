@@ -321,3 +321,25 @@ def test_a_score_exactly_at_the_threshold_is_called_covid_everywhere(
     assert metrics["detect/sensitivity"] == pytest.approx(tp / (tp + fn))
     assert metrics["detect/specificity"] == pytest.approx(tn / (tn + fp))
     assert f"threshold 25: sens {tp / (tp + fn):.3f}, spec {tn / (tn + fp):.3f}" in legends
+
+
+def test_a_fold_model_says_its_val_figures_are_optimistic(
+    checkpoints, synth_root, tmp_path, caplog
+):
+    """An infection model of data.num_folds trained on part of the official Val, where the
+    threshold for Test is chosen: the command says so, and metrics.json keeps it."""
+    import torch
+
+    ckpt = torch.load(checkpoints["infection"], weights_only=True)
+    ckpt["covidqu"]["preprocess"].update(num_folds=2, fold=0, fold_seed=0)
+    folded = tmp_path / "fold0.ckpt"
+    torch.save(ckpt, folded)
+    common = [f"lung_ckpt={checkpoints['lung']}", f"data.root={synth_root}", "detect.n_boot=10"]
+    common += ["data.limit_per_class=2", "data.num_workers=0"]
+    for model, said in ((checkpoints["infection"], []), (folded, ["val"])):
+        out = tmp_path / model.stem
+        caplog.clear()
+        analysis.analyze(compose_config("analyze", [*common, f"infection_ckpt={model}"], out))
+        assert read_metrics(out)["seen_in_training"] == said
+        warned = [r for r in caplog.records if "trained on folds of Train + Val" in r.getMessage()]
+        assert len(warned) == len(said)

@@ -128,6 +128,24 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         return _analyze(cfg)
 
 
+def _seen_in_training(stages: Any, used: set[str]) -> list[str]:
+    """The official splits among ``used`` (scored, or tuning the threshold) that a stage model
+    trained on in part: a model of ``data.num_folds`` trained on Train + Val less one fold.
+    Their figures, or the threshold chosen there, are then optimistic: said once, and kept in
+    ``metrics.json``."""
+    folds = [m for m in stages.modules() if (m.recipe.get("preprocess") or {}).get("num_folds")]
+    if not folds or not used:
+        return []
+    log.warning(
+        "a stage model was trained on folds of Train + Val (data.num_folds), so it trained on "
+        "part of the official %s used here: its figures (or the threshold chosen there) are "
+        "optimistic. Score split=test with a threshold from data it did not train on "
+        "(detect.threshold=...)",
+        " and ".join(sorted(used)),
+    )
+    return sorted(used)
+
+
 def _analyze(cfg: DictConfig) -> dict[str, Any]:
     tta = cfg.get("tta", "none")
     stages = load_stages(cfg.get("lung_ckpt"), cfg.infection_ckpt, "cpu")
@@ -187,6 +205,7 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
             f"({', '.join(f'{k} on {v}' for k, v in TUNING_SPLIT.items())}); give "
             "detect.threshold=<percent of the lung> to score this one"
         )
+    seen = _seen_in_training(stages, {split, source} & {"train", "val"})
     samples = split_samples(cfg.data.root, split, limit)
     module = TwoStages(stages, cutoffs, threshold, out, by)
     rows = run_stages(trainer, module, samples, batch_size, workers)
@@ -194,6 +213,7 @@ def _analyze(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         metrics = score(rows, threshold, source, cfg, out)
         metrics["split"] = split
+        metrics["seen_in_training"] = seen
         metrics["tta"] = tta
         metrics["detect_score"] = by
         metrics["postprocess_lung"] = stages.lung.postprocess.describe()
