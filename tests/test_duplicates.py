@@ -320,3 +320,16 @@ def test_a_two_fold_sweep_records_its_folds_and_the_report_gives_mean_and_std(
         out.parent / "eval-both",
         [],
     )
+
+
+def test_fold_settings_tell_the_official_splits_from_folds():
+    from covidqu.eval.split import fold_settings
+
+    official = {"num_folds": None, "fold": None, "fold_seed": 0}  # as a run without folds records
+    older = {}  # a checkpoint from before folds were recorded
+    fold = {"num_folds": 2, "fold": 1, "fold_seed": 0, "duplicate_distance": 16}
+    assert fold_settings([official, older], "val") == {}  # the same split: the official Val
+    assert fold_settings([fold, dict(fold)], "val") == fold
+    assert fold_settings([fold, official], "test") == {}
+    with pytest.raises(ConfigError, match=r"\(fold 1 of 2, the official Val\)"):
+        fold_settings([fold, official], "train")

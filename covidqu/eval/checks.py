@@ -48,6 +48,5 @@ def check(cfg: DictConfig, out_dir: Path, overrides: Iterable[str] = ()) -> None
             cache_dir=cfg.data.get("cache_dir"),
             folds=folds,
         )
-    datamodule.split_samples(
-        cfg.split
-    )  # a fold's: hashed here once, into the cache folder  # the tree, and the split in it
+    # the tree, and the split in it (a fold's: its images hashed once, into the cache folder)
+    datamodule.split_samples(cfg.split)

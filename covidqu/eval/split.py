@@ -30,7 +30,10 @@ def fold_settings(
     ensemble's members), evaluated on ``split``: their folds where they share them; for an
     ensemble whose members differ, none (only ``test`` is then held out from all of them, and
     ``train`` or ``val`` is refused, naming the folds)."""
-    settings = [{k: pre.get(k) for k in FOLD_KEYS if pre.get(k) is not None} for pre in pres]
+    settings = [  # the official splits (no num_folds) whatever else the recipe records
+        {k: pre[k] for k in FOLD_KEYS if pre.get(k) is not None} if pre.get("num_folds") else {}
+        for pre in pres
+    ]
     if all(s == settings[0] for s in settings):
         return dict(settings[0])
     if split in ("train", "val"):
