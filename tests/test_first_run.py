@@ -208,12 +208,11 @@ def test_predict_and_analyze_fit_their_workers_too(
     trained_run: Callable[[str], Path], synth_root: Path, tmp_path: Path, monkeypatch
 ):
     """predict read images with 4 loader processes on any machine (torch warned of them on
-    two cores); it and analyze take auto as the training data does."""
+    two cores); it takes auto as the training data does (analyze keeps 0: conf/analyze.yaml)."""
     import covidqu.predict.run as predict_run
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert compose_config("predict", [], tmp_path).num_workers == "auto"
-    assert compose_config("analyze", [], tmp_path).data.num_workers == "auto"
     seen: list[int] = []
     real = predict_run.input_loader
 
