@@ -50,6 +50,7 @@ def test_default_command_learns_lung_segmentation(demo_home: Path):
     assert len([p for p in (demo_home / "cache").iterdir() if not p.name.startswith(".")]) == 1
 
 
+@pytest.mark.slow  # 15 epochs (about 40 s); the README's own command above stays in the quick loop
 def test_classification_learns_above_chance(demo_home: Path, tmp_path: Path):
     root = ensure_synthetic(demo_home / "cache", per_class=40, size=128)
     overrides = [o for o in TINY if not o.startswith("data.image_size")]

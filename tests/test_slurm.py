@@ -170,6 +170,8 @@ def run_sweep(args: list[str], sweep: Path) -> tuple[int, str]:
     return proc.returncode, output
 
 
+# slow: a real Slurm queue and DDP jobs (about a minute); CI runs it with -m slow
+@pytest.mark.slow
 def test_sweep_runs_ddp_jobs_through_slurm(cluster, synth_root, tmp_path):
     sweep = tmp_path / "sweep"
     tiny = [o for o in TINY if not o.startswith("trainer.devices=")]
