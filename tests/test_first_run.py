@@ -204,7 +204,7 @@ def test_the_data_default_is_auto(synth_root, tmp_path, monkeypatch):
     assert instantiate(cfg.data).num_workers == 1  # two cores: one for training, one loader
 
 
-def test_predict_and_analyze_fit_their_workers_too(
+def test_predict_fits_its_workers_too(
     trained_run: Callable[[str], Path], synth_root: Path, tmp_path: Path, monkeypatch
 ):
     """predict read images with 4 loader processes on any machine (torch warned of them on
