@@ -33,7 +33,7 @@ from covidqu.report.figures import (
     per_epoch,
 )
 from covidqu.report.gallery import WORST_N, image_rows, worst
-from covidqu.report.run import cell, ordered_columns, read_monitor, varying
+from covidqu.report.run import cell, ordered_columns, read_monitor, run_name, varying
 from covidqu.report.study import study_figures
 
 REPORT_HTML = "report.html"
@@ -155,7 +155,7 @@ def _curves_section(root: Path, table: Sequence[Mapping[str, Any]]) -> list[str]
         data = learning_curves(series, read_monitor(folder))
         if data is None:
             continue
-        name = folder.relative_to(root).as_posix() if folder != root else "."
+        name = run_name(folder, root)
         title = f"learning curves of {name}"
         parts.append(_figure(title, data))
     if not parts:

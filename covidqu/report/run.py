@@ -26,7 +26,7 @@ import yaml
 
 from covidqu.files import atomic_text, write_atomic
 from covidqu.runtime.config import split_override
-from covidqu.runtime.outputs import FAILURE_FILE, LR_FIND_FILE, METRICS_FILE
+from covidqu.runtime.outputs import FAILURE_FILE, METRICS_FILE, lr_suggestion
 
 REPORT_CSV = "report.csv"
 REPORT_MD = "report.md"
@@ -112,18 +112,22 @@ def read_run(folder: Path) -> Run:
         run.status = "failed"
         run.error, run.duration_s = _failure(failure_file)
     elif not (config.get("tune") or {}).get("apply"):  # tune.apply=true trains after finding
-        suggestion = _suggestion(folder / LR_FIND_FILE)
-        if suggestion is not None:
-            run.status, run.tuned_lr = "tuned", suggestion
+        try:
+            run.tuned_lr = lr_suggestion(folder)
+            run.status = "tuned"
+        except (OSError, ValueError, KeyError, TypeError):  # no finder here, or no suggestion
+            pass
     return run
 
 
-def _suggestion(path: Path) -> float | None:
-    """The learning rate ``lr_find.json`` suggests, if the file is there and says one."""
-    try:
-        return float(json.loads(path.read_text())["suggestion"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def run_folders(root: Path) -> list[Path]:
+    """Every run folder at or under ``root``: each folder with a ``.hydra/config.yaml``."""
+    return sorted({p.parent.parent for p in root.rglob(".hydra/config.yaml")})
+
+
+def run_name(folder: Path, root: Path) -> str:
+    """How the report names a run folder under ``root`` (its ``run`` column)."""
+    return folder.relative_to(root).as_posix() or "."
 
 
 def find_runs(root: str | Path) -> list[Run]:
@@ -131,8 +135,7 @@ def find_runs(root: str | Path) -> list[Run]:
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"{base} is not a folder of runs")
-    folders = sorted({p.parent.parent for p in base.rglob(".hydra/config.yaml")})
-    return [read_run(f) for f in folders]
+    return [read_run(f) for f in run_folders(base)]
 
 
 def distinguishing(runs: Sequence[Run]) -> list[str]:
@@ -175,7 +178,7 @@ def rows(runs: Sequence[Run], root: Path) -> list[dict[str, Any]]:
     tuned = any(r.tuned_lr is not None for r in runs)
     out = []
     for run in sort_runs(runs):
-        row: dict[str, Any] = {"run": run.path.relative_to(root).as_posix() or "."}
+        row: dict[str, Any] = {"run": run_name(run.path, root)}
         row.update({k: run.overrides.get(k, "") for k in keys})
         if folded:
             row["fold"] = run.fold

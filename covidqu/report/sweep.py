@@ -10,19 +10,19 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from covidqu.report.run import DONE, SUMMARY, report
+from covidqu.report.run import DONE, SUMMARY, report, run_folders, run_name
 
 log = logging.getLogger(__name__)
 
 
 def job_stamps(sweep_dir: Path) -> dict[str, int]:
-    """Each job folder under ``sweep_dir`` (relative, as the report names it) with the time its
+    """Each job folder under ``sweep_dir``, named as the report names it, with the time its
     config was written: Hydra rewrites ``.hydra/config.yaml`` whenever a job starts there."""
     if not sweep_dir.is_dir():
         return {}
     return {
-        (p.parent.parent.relative_to(sweep_dir).as_posix() or "."): p.stat().st_mtime_ns
-        for p in sweep_dir.rglob(".hydra/config.yaml")
+        run_name(folder, sweep_dir): (folder / ".hydra" / "config.yaml").stat().st_mtime_ns
+        for folder in run_folders(sweep_dir)
     }
 
 

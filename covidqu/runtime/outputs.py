@@ -32,6 +32,12 @@ LR_FIND_FILE = "lr_find.json"
 LR_FIND_PLOT = "lr_find.png"
 
 
+def lr_suggestion(folder: Path) -> float:
+    """The learning rate the finder's ``lr_find.json`` in ``folder`` suggests; OSError,
+    ValueError, KeyError or TypeError where the file is not there or says none."""
+    return float(json.loads((folder / LR_FIND_FILE).read_text())["suggestion"])
+
+
 def relative(path: str | os.PathLike[str], base: Path) -> str:
     """``path`` relative to ``base`` where it lies inside it, else as given."""
     p = Path(path)

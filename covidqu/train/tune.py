@@ -140,7 +140,7 @@ def _use(cfg: DictConfig, module: Any, lr: float, out_dir: Path) -> Found:
 def _found_before(cfg: DictConfig, module: Any, out_dir: Path) -> Found | None:
     path = out_dir / RECORD_FILE
     try:
-        lr = float(json.loads(path.read_text())["suggestion"])
+        lr = outputs.lr_suggestion(out_dir)
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.warning(
             "tune=lr: this run resumes from a checkpoint, whose optimizer state holds the rate "
